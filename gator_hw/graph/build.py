@@ -1,0 +1,200 @@
+"""Trace a model with torch.fx, apply the channel rules, and build the ``HyperGraph``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from gator_hw.errors import GatorError
+from gator_hw.graph.hypergraph import ChannelGroup, HyperGraph, LayerCall, Seg, Site
+from gator_hw.graph.rules import Builder, Call, Layout, rule_for
+
+__all__ = ["build_hypergraph", "trace"]
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -> fx.GraphModule:
+    """Symbolically trace ``model`` (eval mode) and annotate every node with its real shapes."""
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as exc:  # data-dependent control flow etc.: the user's model
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GatorError(
+                f"{name} cannot be traced with torch.fx ({type(exc).__name__}: {msg[:200]}); "
+                "remove data-dependent Python control flow from forward()"
+            ) from exc
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example = torch.zeros(input_shape, device=device)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GatorError(
+                f"{name} does not run on an input of shape {tuple(input_shape)} ({msg[:200]}); "
+                "pass an --input-size the model accepts"
+            ) from exc
+    finally:
+        model.train(was_training)
+    return gm
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _tensor_args(args: tuple, kwargs: dict) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((args, kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def _readable(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f"Tensor.{node.target} ({node.name})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target} ({node.name})"
+
+
+def _run_rules(gm: fx.GraphModule) -> tuple[Builder, int]:
+    b = Builder()
+    layouts: dict[fx.Node, Layout | None] = {}
+    modules = dict(gm.named_modules())
+    order = 0
+    for order, node in enumerate(gm.graph.nodes):
+        shape = _shape(node)
+        if node.op == "placeholder":
+            layouts[node] = b.fresh(shape, "network input")
+        elif node.op == "get_attr":
+            layouts[node] = b.fresh(shape, f"constant tensor {node.target}")
+        elif node.op == "output":
+            for arg in _tensor_args(node.args, node.kwargs):
+                b.freeze(layouts.get(arg), "network output")
+        else:
+            args = _tensor_args(node.args, node.kwargs)
+            call = Call(
+                order=order,
+                kind=node.op,
+                target=node.target,
+                name=_readable(node),
+                module=modules.get(node.target) if node.op == "call_module" else None,
+                args=node.args,
+                kwargs=dict(node.kwargs),
+                in_layouts=[layouts.get(a) for a in args],
+                in_shapes=[_shape(a) for a in args],
+                out_shape=shape,
+            )
+            rule = rule_for(call)
+            layouts[node] = rule(b, call) if rule is not None else b.unknown(call)
+    return b, order
+
+
+def _unify_shared_modules(b: Builder) -> None:
+    """A module called several times reads (and writes) one channel space in every call."""
+    by_module: dict[str, list[dict]] = defaultdict(list)
+    for lc in b.layer_calls:
+        by_module[lc["module"]].append(lc)
+    for name, calls in by_module.items():
+        for other in calls[1:]:
+            b.join(f"shared layer {name}", calls[0]["in_layout"], other["in_layout"])
+            b.join(f"shared layer {name}", calls[0]["out_layout"], other["out_layout"])
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix: list[str] = []
+    for items in zip(*parts, strict=False):
+        if len(set(items)) != 1:
+            break
+        prefix.append(items[0])
+    return ".".join(prefix)
+
+
+def _group_name(writers: list[str], sites: list[tuple], reasons: list[str]) -> str:
+    if not writers:
+        if "network input" in reasons:
+            return "input"
+        return f"{sites[0][1]}:{sites[0][2]}" if sites else "unnamed"
+    if len(writers) == 1:
+        return writers[0]
+    prefix = _common_prefix(writers)
+    return f"{prefix}.*" if prefix else f"{writers[0]}+{len(writers) - 1}"
+
+
+def _finalize(b: Builder, model_name: str, input_shape: tuple[int, ...]) -> HyperGraph:
+    roots = sorted({b.find(s.sid) for s in b.spaces})
+    entries = []
+    for sid in roots:
+        sp = b.spaces[sid]
+        if not sp.sites:
+            continue
+        sites = sorted(set(sp.sites))
+        writers = list(dict.fromkeys(s[1] for s in sites if s[2] in ("out", "dw", "gconv")))
+        reasons = list(dict.fromkeys(sp.reasons))
+        if not reasons and not any(s[2] == "out" for s in sites):
+            reasons.append("no conv or linear layer writes these channels")
+        if not reasons and not any(s[2] in ("in", "dw", "gconv") for s in sites):
+            reasons.append("no layer reads these channels")
+        last_write = max((s[0] for s in sites if s[2] in ("out", "dw", "gconv")), default=-1)
+        key = (bool(reasons), last_write if not reasons else sites[0][0], sid)
+        entries.append((key, sid, sp, sites, writers, reasons))
+    entries.sort(key=lambda e: e[0])
+    gid_of: dict[int, int] = {}
+    groups: list[ChannelGroup] = []
+    used: set[str] = set()
+    for gid, (_, sid, sp, sites, writers, reasons) in enumerate(entries):
+        gid_of[sid] = gid
+        name = _group_name(writers, sites, reasons)
+        base, k = name, 1
+        while name in used:
+            k += 1
+            name = f"{base}#{k}"
+        used.add(name)
+        site_objs = tuple(dict.fromkeys(Site(m, r, off, rep) for _, m, r, off, rep in sites))
+        groups.append(
+            ChannelGroup(gid, name, sp.size, site_objs, sp.groups, tuple(reasons))
+        )
+    n_edges = sum(1 for g in groups if g.prunable)
+
+    def seg(layout: Layout) -> tuple[Seg, ...]:
+        out = []
+        for r in layout:
+            root = b.find(r.sid)
+            if root not in gid_of:  # a space with no site at all: give it a frozen group
+                gid_of[root] = len(groups)
+                groups.append(
+                    ChannelGroup(len(groups), f"unnamed#{root}", b.spaces[root].size, (), 1,
+                                 tuple(b.spaces[root].reasons) or ("no layer reads it",))
+                )
+            out.append(Seg(gid_of[root], r.length, r.repeat))
+        return tuple(out)
+
+    calls = tuple(
+        LayerCall(**{**lc, "in_layout": seg(lc["in_layout"]), "out_layout": seg(lc["out_layout"])})
+        for lc in b.layer_calls
+    )
+    return HyperGraph(model_name, tuple(input_shape), tuple(groups), n_edges, calls)
+
+
+def build_hypergraph(
+    model: nn.Module, input_shape: tuple[int, ...], name: str = "model"
+) -> HyperGraph:
+    """Discover the hyperedges of ``model`` for inputs of ``input_shape`` (e.g. ``(1, 3, 224, 224)``).
+
+    The model is traced with torch.fx in eval mode and run once on zeros to learn every shape.
+    Ops without a channel rule freeze the channels they touch (see ``ChannelGroup.frozen_reasons``).
+    """
+    gm = trace(model, input_shape, name)
+    b, _ = _run_rules(gm)
+    _unify_shared_modules(b)
+    return _finalize(b, name, input_shape)

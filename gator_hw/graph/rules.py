@@ -1,0 +1,391 @@
+"""Channel rules: how each op passes channel index spaces from its inputs to its output.
+
+A rule is a small function registered for a module type, a function or a method name. It gets
+the ``Builder`` (the union-find of channel spaces under construction) and the traced ``Call``
+and returns the output's channel layout (a tuple of ``(space, length, repeat)`` runs), or
+``None`` for a non-tensor result. An op with no rule freezes every channel it touches and
+records the op as the reason: we never guess.
+
+Register a rule for your own layer with::
+
+    @channel_rule(MyLayer)
+    def _my_layer(b: Builder, call: Call) -> Layout:
+        return b.passthrough(call)
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Builder", "Call", "Layout", "Run", "Space", "channel_rule", "rule_for"]
+
+
+@dataclass
+class Space:
+    """A channel index space under construction (union-find node)."""
+
+    sid: int
+    size: int
+    parent: int
+    sites: list = field(default_factory=list)  # (order, module, role, offset, repeat)
+    reasons: list[str] = field(default_factory=list)
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class Run:
+    """``length`` channels of space ``sid``, each covering ``repeat`` positions."""
+
+    sid: int
+    length: int
+    repeat: int = 1
+
+
+Layout = tuple[Run, ...]
+
+
+@dataclass
+class Call:
+    """One traced op: its target, module (for call_module), inputs and output metadata."""
+
+    order: int
+    kind: str  # call_module | call_function | call_method
+    target: Any
+    name: str  # module qualified name, or a readable op name
+    module: nn.Module | None
+    args: tuple
+    kwargs: dict
+    in_layouts: list[Layout | None]  # per tensor argument (flattened args order)
+    in_shapes: list[tuple[int, ...] | None]
+    out_shape: tuple[int, ...] | None
+
+    def arg(self, i: int, key: str, default: Any = None) -> Any:
+        if i < len(self.args):
+            return self.args[i]
+        return self.kwargs.get(key, default)
+
+
+RuleFn = Callable[["Builder", Call], "Layout | None"]
+_RULES: dict[Any, RuleFn] = {}
+
+
+def channel_rule(*keys: Any) -> Callable[[RuleFn], RuleFn]:
+    """Register a rule for module types, functions or method names (``"method:relu"``)."""
+
+    def deco(fn: RuleFn) -> RuleFn:
+        for key in keys:
+            if key in _RULES:
+                raise ValueError(f"a channel rule for {key!r} is already registered")
+            _RULES[key] = fn
+        return fn
+
+    return deco
+
+
+def rule_for(call: Call) -> RuleFn | None:
+    """The registered rule for a call (module types by exact type, then by base class)."""
+    if call.kind == "call_module":
+        for cls in type(call.module).__mro__:
+            if cls in _RULES:
+                return _RULES[cls]
+        return None
+    if call.kind == "call_method":
+        return _RULES.get(f"method:{call.target}")
+    return _RULES.get(call.target)
+
+
+class Builder:
+    """Union-find over channel spaces, plus the weighted layer calls seen so far."""
+
+    def __init__(self) -> None:
+        self.spaces: list[Space] = []
+        self.layer_calls: list[dict] = []
+
+    # -- union-find -----------------------------------------------------------------------
+    def new_space(self, size: int, reason: str | None = None) -> int:
+        sid = len(self.spaces)
+        self.spaces.append(Space(sid, size, sid, reasons=[reason] if reason else []))
+        return sid
+
+    def find(self, sid: int) -> int:
+        root = sid
+        while self.spaces[root].parent != root:
+            root = self.spaces[root].parent
+        while self.spaces[sid].parent != root:  # path compression
+            self.spaces[sid].parent, sid = root, self.spaces[sid].parent
+        return root
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        sa, sb = self.spaces[ra], self.spaces[rb]
+        if sa.size != sb.size:
+            raise RuntimeError(f"channel spaces of size {sa.size} and {sb.size} cannot be joined")
+        if rb < ra:
+            ra, rb, sa, sb = rb, ra, sb, sa
+        sb.parent = ra
+        sa.sites += sb.sites
+        sa.reasons += sb.reasons
+        sa.groups = math.lcm(sa.groups, sb.groups)
+        return ra
+
+    def freeze(self, layout: Layout | None, reason: str) -> None:
+        for run in layout or ():
+            reasons = self.spaces[self.find(run.sid)].reasons
+            if reason not in reasons:
+                reasons.append(reason)
+
+    def add_site(self, layout: Layout, order: int, module: str, role: str) -> None:
+        offset = 0
+        for run in layout:
+            self.spaces[self.find(run.sid)].sites.append((order, module, role, offset, run.repeat))
+            offset += run.length * run.repeat
+
+    # -- helpers for rules ----------------------------------------------------------------
+    def fresh(self, shape: tuple[int, ...] | None, reason: str | None = None) -> Layout | None:
+        """A new space for the channel dim (dim 1) of ``shape``; None for non-tensors/scalars."""
+        if shape is None or len(shape) < 2:
+            return None
+        return (Run(self.new_space(shape[1], reason), shape[1]),)
+
+    def unknown(self, call: Call, why: str | None = None) -> Layout | None:
+        """Freeze every channel the op touches; its output gets a new frozen space."""
+        reason = why or f"used by {call.name}, which has no channel rule"
+        for layout in call.in_layouts:
+            self.freeze(layout, reason)
+        return self.fresh(call.out_shape, f"produced by {call.name}, which has no channel rule")
+
+    def passthrough(self, call: Call) -> Layout | None:
+        """Per-channel op (activation, pooling, dropout): output channels are input channels."""
+        first = call.in_layouts[0] if call.in_layouts else None
+        in_shape = call.in_shapes[0] if call.in_shapes else None
+        out = call.out_shape
+        if first is None or out is None or in_shape is None:
+            return self.unknown(call)
+        if len(out) < 2 or len(in_shape) < 2 or out[1] != in_shape[1] or out[0] != in_shape[0]:
+            return self.unknown(call, f"{call.name} changes the channel dimension")
+        return first
+
+    def join(self, what: str, a: Layout, b: Layout) -> Layout:
+        """Elementwise op of two channel-aligned tensors: their channels become one space."""
+        if [r.length for r in a] == [r.length for r in b] and all(
+            ra.repeat == rb.repeat for ra, rb in zip(a, b, strict=True)
+        ):
+            return tuple(
+                Run(self.union(ra.sid, rb.sid), ra.length, ra.repeat)
+                for ra, rb in zip(a, b, strict=True)
+            )
+        reason = f"{what} combines tensors with different channel concatenations"
+        self.freeze(a, reason)
+        self.freeze(b, reason)
+        return a
+
+    def record_layer(self, call: Call, kind: str, in_layout: Layout, out_layout: Layout, **kw: Any):
+        self.layer_calls.append(
+            dict(module=call.name, kind=kind, order=call.order, in_layout=in_layout,
+                 out_layout=out_layout, **kw)
+        )
+
+
+def _width(layout: Layout) -> int:
+    return sum(r.length * r.repeat for r in layout)
+
+
+def _spatial(shape: tuple[int, ...] | None) -> tuple[int, tuple[int, ...]]:
+    hw = tuple(shape[2:]) if shape is not None else ()
+    return math.prod(hw) if hw else 1, hw
+
+
+# -------------------------------------------------------------------------------------------
+# weighted layers
+# -------------------------------------------------------------------------------------------
+@channel_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(b: Builder, call: Call) -> Layout | None:
+    m = call.module
+    x = call.in_layouts[0] if call.in_layouts else None
+    if x is None or call.out_shape is None or any(r.repeat != 1 for r in x):
+        return b.unknown(call, f"{call.name} reads a flattened input")
+    cin, cout, g = m.in_channels, m.out_channels, m.groups
+    k = math.prod(m.kernel_size)
+    s_in, hw_in = _spatial(call.in_shapes[0])
+    s_out, hw_out = _spatial(call.out_shape)
+    stride = int(m.stride[0]) if isinstance(m.stride, tuple) else int(m.stride)
+    common = dict(kernel=k, groups=g, bias=m.bias is not None, spatial_in=s_in,
+                  spatial_out=s_out, stride=stride, in_hw=hw_in, out_hw=hw_out)
+    if g == 1:
+        out = b.fresh(call.out_shape)
+        b.add_site(x, call.order, call.name, "in")
+        b.add_site(out, call.order, call.name, "out")
+        b.record_layer(call, "conv", x, out, **common)
+        return out
+    if g == cin == cout:  # depthwise: output channel c reads input channel c only
+        b.add_site(x, call.order, call.name, "dw")
+        b.record_layer(call, "conv", x, x, depthwise=True, **common)
+        return x
+    if cin == cout and len(x) == 1:  # grouped, in == out: one space, pruned evenly per group
+        sp = b.spaces[b.find(x[0].sid)]
+        sp.groups = math.lcm(sp.groups, g)
+        b.add_site(x, call.order, call.name, "gconv")
+        b.record_layer(call, "conv", x, x, **common)
+        return x
+    out = b.unknown(call, f"{call.name} is a grouped conv with in != out channels")
+    b.record_layer(call, "conv", x, out, **common)
+    return out
+
+
+@channel_rule(nn.Linear)
+def _linear(b: Builder, call: Call) -> Layout | None:
+    m = call.module
+    x = call.in_layouts[0] if call.in_layouts else None
+    shape = call.in_shapes[0] if call.in_shapes else None
+    if x is None or shape is None or len(shape) != 2:
+        out = b.unknown(call, f"{call.name} reads a tensor that is not (batch, features)")
+        if x is not None and out is not None:
+            b.record_layer(call, "linear", x, out, bias=m.bias is not None)
+        return out
+    out = b.fresh(call.out_shape)
+    b.add_site(x, call.order, call.name, "in")
+    b.add_site(out, call.order, call.name, "out")
+    b.record_layer(call, "linear", x, out, bias=m.bias is not None)
+    return out
+
+
+@channel_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def _batchnorm(b: Builder, call: Call) -> Layout | None:
+    x = b.passthrough(call)
+    if x is not None and call.in_layouts[0] is x:
+        b.add_site(x, call.order, call.name, "norm")
+        s, hw = _spatial(call.out_shape)
+        b.record_layer(call, "norm", x, x, bias=call.module.affine, spatial_in=s, spatial_out=s,
+                       in_hw=hw, out_hw=hw)
+    return x
+
+
+# -------------------------------------------------------------------------------------------
+# per-channel ops
+# -------------------------------------------------------------------------------------------
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+_PASS_FUNCTIONS = tuple(dict.fromkeys((  # some F.* are the torch.* builtins themselves
+    F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu,
+    F.elu, F.mish, F.sigmoid, F.tanh, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+    F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, torch.clone,
+)))
+_PASS_METHODS = tuple(
+    f"method:{m}" for m in ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float")
+)
+
+
+@channel_rule(*_PASS_MODULES, *_PASS_FUNCTIONS, *_PASS_METHODS)
+def _per_channel(b: Builder, call: Call) -> Layout | None:
+    return b.passthrough(call)
+
+
+def _register_torchvision() -> None:
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return
+    channel_rule(stochastic_depth)(_per_channel)
+
+
+_register_torchvision()
+
+
+@channel_rule(nn.Flatten, torch.flatten, "method:flatten")
+def _flatten(b: Builder, call: Call) -> Layout | None:
+    start = call.arg(1, "start_dim", 1)
+    end = call.arg(2, "end_dim", -1)
+    if call.kind == "call_module":
+        start, end = call.module.start_dim, call.module.end_dim
+    x, shape = call.in_layouts[0], call.in_shapes[0]
+    if x is None or shape is None or start != 1 or end not in (-1, len(shape) - 1):
+        return b.unknown(call, f"{call.name} flattens other than (batch, features)")
+    rep = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return tuple(Run(r.sid, r.length, r.repeat * rep) for r in x)
+
+
+@channel_rule("method:view", "method:reshape", torch.reshape)
+def _reshape(b: Builder, call: Call) -> Layout | None:
+    shape, out = call.in_shapes[0], call.out_shape
+    if shape is not None and out is not None and len(out) == 2 and out[0] == shape[0] and len(
+        shape
+    ) >= 2:
+        rep = math.prod(shape[2:]) if len(shape) > 2 else 1
+        return tuple(Run(r.sid, r.length, r.repeat * rep) for r in call.in_layouts[0])
+    return b.unknown(call, f"{call.name} reshapes channels")
+
+
+@channel_rule("method:mean", torch.mean, "method:amax", torch.amax)
+def _reduce(b: Builder, call: Call) -> Layout | None:
+    dims = call.arg(1, "dim", None)
+    dims = (dims,) if isinstance(dims, int) else dims
+    shape = call.in_shapes[0]
+    if dims is None or shape is None:
+        return b.unknown(call)
+    dims = {d % len(shape) for d in dims}
+    if 0 in dims or 1 in dims:
+        return b.unknown(call, f"{call.name} reduces over channels")
+    return call.in_layouts[0]
+
+
+# -------------------------------------------------------------------------------------------
+# joins: residual add, channel-wise multiply (squeeze-excitation), concatenation
+# -------------------------------------------------------------------------------------------
+@channel_rule(
+    operator.add, operator.iadd, torch.add, operator.sub, torch.sub, operator.mul, operator.imul,
+    torch.mul, operator.truediv, torch.div, "method:add", "method:add_", "method:mul",
+    "method:mul_",
+)
+def _elementwise(b: Builder, call: Call) -> Layout | None:
+    tensors = [
+        (lay, shp) for lay, shp in zip(call.in_layouts, call.in_shapes, strict=True)
+        if shp is not None
+    ]
+    if call.out_shape is None:
+        return None
+    channel = [(lay, shp) for lay, shp in tensors if len(shp) >= 2 and shp[1] != 1]
+    if any(lay is None for lay, _ in channel):
+        return b.unknown(call)
+    if len(channel) == 0:
+        return tensors[0][0] if tensors else None
+    if any(len(shp) >= 2 and shp[1] != call.out_shape[1] for _, shp in channel):
+        return b.unknown(call, f"{call.name} broadcasts over channels")
+    out = channel[0][0]
+    for lay, _ in channel[1:]:
+        out = b.join(call.name, out, lay)
+    return out
+
+
+@channel_rule(torch.cat, torch.concat)
+def _cat(b: Builder, call: Call) -> Layout | None:
+    dim = call.arg(1, "dim", 0)
+    if call.out_shape is None or len(call.out_shape) < 2 or dim % len(call.out_shape) != 1:
+        return b.unknown(call, f"{call.name} concatenates along a dimension other than channels")
+    if any(lay is None for lay in call.in_layouts):
+        return b.unknown(call)
+    return tuple(run for lay in call.in_layouts for run in lay)
+
+
+def _getattr_like(b: Builder, call: Call) -> Layout | None:
+    """Shape queries and other ops with non-tensor results pass nothing on."""
+    if call.out_shape is not None:
+        return b.unknown(call)
+    return None
+
+
+channel_rule(getattr, operator.getitem, "method:size", "method:dim")(_getattr_like)

@@ -1,0 +1,85 @@
+"""Scale channels where layers read them: the reference semantics of removing a channel.
+
+Every channel of an edge reaches the rest of the network only through the layers that read it
+(``in``, ``dw`` and ``gconv`` sites: convs and linears). Multiplying a layer's input by a
+per-channel vector at each of those sites therefore acts on the channel everywhere at once:
+a 0/1 mask gives exactly the network with those channels removed (``gator_hw.slim``), and a
+gate vector gives the gated network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph, Seg
+
+__all__ = ["expand_layout", "mask_model", "reader_layouts", "scale_inputs"]
+
+
+def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
+    """Module name -> input layout, for every layer that reads at least one prunable edge."""
+    readers = {s.module for e in graph.edges for s in e.sites if s.role in READ_ROLES}
+    out: dict[str, tuple[Seg, ...]] = {}
+    for call in graph.calls:
+        if call.module in readers and call.module not in out:
+            out[call.module] = call.in_layout
+    return out
+
+
+def expand_layout(layout: Sequence[Seg], vectors: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+    """Concatenate per-edge vectors along a layer's input dimension (ones for other groups).
+
+    Returns None when no group of the layout has a vector (nothing to scale).
+    """
+    if not any(seg.gid in vectors for seg in layout):
+        return None
+    ref = next(v for v in vectors.values())
+    parts = []
+    for seg in layout:
+        v = vectors.get(seg.gid)
+        if v is None:
+            v = torch.ones(seg.length, device=ref.device, dtype=ref.dtype)
+        parts.append(v.repeat_interleave(seg.repeat) if seg.repeat > 1 else v)
+    return torch.cat(parts)
+
+
+def scale_inputs(
+    model: nn.Module,
+    graph: HyperGraph,
+    vectors: Callable[[], Mapping[int, torch.Tensor]],
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Install forward pre-hooks that multiply each reader's input by its edges' vectors.
+
+    ``vectors()`` is called at every reader call and returns edge index -> vector of that edge's
+    channel count. Remove the hooks with ``handle.remove()``.
+    """
+    modules = dict(model.named_modules())
+    handles = []
+    for name, layout in reader_layouts(graph).items():
+
+        def hook(_m: nn.Module, args: tuple, layout=layout):
+            scale = expand_layout(layout, vectors())
+            if scale is None:
+                return None
+            x = args[0]
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return (x * scale.to(x.dtype).view(shape), *args[1:])
+
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    return handles
+
+
+def mask_model(
+    model: nn.Module, graph: HyperGraph, keep: Mapping[int, Sequence[int]]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Zero every channel not in ``keep`` (edge -> kept indices) wherever it is read."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    masks = {}
+    for gid, kept in keep.items():
+        m = torch.zeros(graph.groups[gid].channels, device=device)
+        m[torch.as_tensor(list(kept), dtype=torch.long)] = 1.0
+        masks[gid] = m
+    return scale_inputs(model, graph, lambda: masks)
