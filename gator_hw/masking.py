@@ -29,7 +29,9 @@ def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
     return out
 
 
-def expand_layout(layout: Sequence[Seg], vectors: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+def expand_layout(
+    layout: Sequence[Seg], vectors: Mapping[int, torch.Tensor]
+) -> torch.Tensor | None:
     """Concatenate per-edge vectors along a layer's input dimension (ones for other groups).
 
     Returns None when no group of the layout has a vector (nothing to scale).

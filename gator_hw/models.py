@@ -128,7 +128,9 @@ def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
     path_s, factory = spec.rsplit(":", 1)
     path = Path(path_s)
     if not path.is_file():
-        raise GatorError(f"model file {path} does not exist; pass an existing path/to/file.py:factory")
+        raise GatorError(
+            f"model file {path} does not exist; pass an existing path/to/file.py:factory"
+        )
     mod_name = f"_gator_user_model_{abs(hash(path.resolve()))}"
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     if module_spec is None or module_spec.loader is None:

@@ -161,9 +161,7 @@ def _finalize(b: Builder, model_name: str, input_shape: tuple[int, ...]) -> Hype
             name = f"{base}#{k}"
         used.add(name)
         site_objs = tuple(dict.fromkeys(Site(m, r, off, rep) for _, m, r, off, rep in sites))
-        groups.append(
-            ChannelGroup(gid, name, sp.size, site_objs, sp.groups, tuple(reasons))
-        )
+        groups.append(ChannelGroup(gid, name, sp.size, site_objs, sp.groups, tuple(reasons)))
     n_edges = sum(1 for g in groups if g.prunable)
 
     def seg(layout: Layout) -> tuple[Seg, ...]:
@@ -173,8 +171,14 @@ def _finalize(b: Builder, model_name: str, input_shape: tuple[int, ...]) -> Hype
             if root not in gid_of:  # a space with no site at all: give it a frozen group
                 gid_of[root] = len(groups)
                 groups.append(
-                    ChannelGroup(len(groups), f"unnamed#{root}", b.spaces[root].size, (), 1,
-                                 tuple(b.spaces[root].reasons) or ("no layer reads it",))
+                    ChannelGroup(
+                        len(groups),
+                        f"unnamed#{root}",
+                        b.spaces[root].size,
+                        (),
+                        1,
+                        tuple(b.spaces[root].reasons) or ("no layer reads it",),
+                    )
                 )
             out.append(Seg(gid_of[root], r.length, r.repeat))
         return tuple(out)

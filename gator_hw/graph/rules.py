@@ -191,8 +191,14 @@ class Builder:
 
     def record_layer(self, call: Call, kind: str, in_layout: Layout, out_layout: Layout, **kw: Any):
         self.layer_calls.append(
-            dict(module=call.name, kind=kind, order=call.order, in_layout=in_layout,
-                 out_layout=out_layout, **kw)
+            dict(
+                module=call.name,
+                kind=kind,
+                order=call.order,
+                in_layout=in_layout,
+                out_layout=out_layout,
+                **kw,
+            )
         )
 
 
@@ -219,8 +225,16 @@ def _conv(b: Builder, call: Call) -> Layout | None:
     s_in, hw_in = _spatial(call.in_shapes[0])
     s_out, hw_out = _spatial(call.out_shape)
     stride = int(m.stride[0]) if isinstance(m.stride, tuple) else int(m.stride)
-    common = dict(kernel=k, groups=g, bias=m.bias is not None, spatial_in=s_in,
-                  spatial_out=s_out, stride=stride, in_hw=hw_in, out_hw=hw_out)
+    common = dict(
+        kernel=k,
+        groups=g,
+        bias=m.bias is not None,
+        spatial_in=s_in,
+        spatial_out=s_out,
+        stride=stride,
+        in_hw=hw_in,
+        out_hw=hw_out,
+    )
     if g == 1:
         out = b.fresh(call.out_shape)
         b.add_site(x, call.order, call.name, "in")
@@ -265,8 +279,17 @@ def _batchnorm(b: Builder, call: Call) -> Layout | None:
     if x is not None and call.in_layouts[0] is x:
         b.add_site(x, call.order, call.name, "norm")
         s, hw = _spatial(call.out_shape)
-        b.record_layer(call, "norm", x, x, bias=call.module.affine, spatial_in=s, spatial_out=s,
-                       in_hw=hw, out_hw=hw)
+        b.record_layer(
+            call,
+            "norm",
+            x,
+            x,
+            bias=call.module.affine,
+            spatial_in=s,
+            spatial_out=s,
+            in_hw=hw,
+            out_hw=hw,
+        )
     return x
 
 
@@ -274,17 +297,58 @@ def _batchnorm(b: Builder, call: Call) -> Layout | None:
 # per-channel ops
 # -------------------------------------------------------------------------------------------
 _PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
 )
-_PASS_FUNCTIONS = tuple(dict.fromkeys((  # some F.* are the torch.* builtins themselves
-    F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu,
-    F.elu, F.mish, F.sigmoid, F.tanh, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-    F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, torch.clone,
-)))
+_PASS_FUNCTIONS = tuple(
+    dict.fromkeys(
+        (  # some F.* are the torch.* builtins themselves
+            F.relu,
+            F.relu_,
+            F.relu6,
+            F.silu,
+            F.gelu,
+            F.hardswish,
+            F.hardsigmoid,
+            F.leaky_relu,
+            F.elu,
+            F.mish,
+            F.sigmoid,
+            F.tanh,
+            torch.relu,
+            torch.relu_,
+            torch.sigmoid,
+            torch.tanh,
+            F.dropout,
+            F.dropout2d,
+            F.max_pool2d,
+            F.avg_pool2d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_max_pool2d,
+            torch.clone,
+        )
+    )
+)
 _PASS_METHODS = tuple(
     f"method:{m}" for m in ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float")
 )
@@ -322,9 +386,13 @@ def _flatten(b: Builder, call: Call) -> Layout | None:
 @channel_rule("method:view", "method:reshape", torch.reshape)
 def _reshape(b: Builder, call: Call) -> Layout | None:
     shape, out = call.in_shapes[0], call.out_shape
-    if shape is not None and out is not None and len(out) == 2 and out[0] == shape[0] and len(
-        shape
-    ) >= 2:
+    if (
+        shape is not None
+        and out is not None
+        and len(out) == 2
+        and out[0] == shape[0]
+        and len(shape) >= 2
+    ):
         rep = math.prod(shape[2:]) if len(shape) > 2 else 1
         return tuple(Run(r.sid, r.length, r.repeat * rep) for r in call.in_layouts[0])
     return b.unknown(call, f"{call.name} reshapes channels")
@@ -347,13 +415,25 @@ def _reduce(b: Builder, call: Call) -> Layout | None:
 # joins: residual add, channel-wise multiply (squeeze-excitation), concatenation
 # -------------------------------------------------------------------------------------------
 @channel_rule(
-    operator.add, operator.iadd, torch.add, operator.sub, torch.sub, operator.mul, operator.imul,
-    torch.mul, operator.truediv, torch.div, "method:add", "method:add_", "method:mul",
+    operator.add,
+    operator.iadd,
+    torch.add,
+    operator.sub,
+    torch.sub,
+    operator.mul,
+    operator.imul,
+    torch.mul,
+    operator.truediv,
+    torch.div,
+    "method:add",
+    "method:add_",
+    "method:mul",
     "method:mul_",
 )
 def _elementwise(b: Builder, call: Call) -> Layout | None:
     tensors = [
-        (lay, shp) for lay, shp in zip(call.in_layouts, call.in_shapes, strict=True)
+        (lay, shp)
+        for lay, shp in zip(call.in_layouts, call.in_shapes, strict=True)
         if shp is not None
     ]
     if call.out_shape is None:

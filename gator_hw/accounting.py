@@ -1,0 +1,171 @@
+"""Exact cost accounting from traced shapes: FLOPs, parameters and memory traffic.
+
+Counting conventions (per sample, i.e. batch 1, unless ``batch`` is given):
+
+* FLOPs are ``2 x MAC`` of conv and linear layers, as ``torch.utils.flop_counter`` counts them;
+  biases, batch norm, activations, pooling and additions are not counted.
+* Parameters are the learnable weights and biases of conv, linear and batch-norm layers
+  (running statistics are buffers, not parameters).
+* Bytes are the memory traffic of conv, linear and batch-norm layers: input activations read,
+  output activations written and parameters read, at ``bytes_per_element`` (4 for float32).
+
+Costs are exact functions of the edge widths: every layer's cost is bilinear in the live channel
+counts of the edges on its two sides, so ``network_cost(graph, widths)`` gives the cost of any
+slimmed network without building it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gator_hw.graph.hypergraph import HyperGraph, LayerCall, Seg
+
+__all__ = [
+    "Cost",
+    "EdgeCost",
+    "edge_costs",
+    "flop_counter_flops",
+    "gator_units",
+    "layer_cost",
+    "network_cost",
+]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs (2 x MAC), parameters and bytes moved, for one forward of the given batch."""
+
+    flops: float
+    params: float
+    bytes: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.params + other.params, self.bytes + other.bytes)
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.flops - other.flops, self.params - other.params, self.bytes - other.bytes)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.flops / 1e9:.3f} GFLOPs, {self.params / 1e6:.3f} M params, "
+            f"{self.bytes / 2**20:.1f} MiB moved"
+        )
+
+
+@dataclass(frozen=True)
+class EdgeCost:
+    """What removing one channel of an edge saves, at the current widths (first order)."""
+
+    edge: int
+    name: str
+    channels: int
+    flops_per_channel: float
+    params_per_channel: float
+    bytes_per_channel: float
+    flops_share: float  # flops_per_channel * channels / network FLOPs
+
+
+def _width(layout: Sequence[Seg], widths: Mapping[int, float]) -> float:
+    return sum(widths.get(s.gid, s.length) * s.repeat for s in layout)
+
+
+def layer_cost(
+    call: LayerCall, widths: Mapping[int, float], *, batch: int = 1, bytes_per_element: int = 4
+) -> Cost:
+    """Cost of one layer call when its edges have the given (possibly fractional) widths."""
+    n_in, n_out = _width(call.in_layout, widths), _width(call.out_layout, widths)
+    if call.kind == "norm":
+        params = 2.0 * n_out if call.bias else 0.0
+        acts = (n_in * call.spatial_in + n_out * call.spatial_out) * batch
+        return Cost(0.0, params, (acts + params) * bytes_per_element)
+    if call.kind == "conv" and call.depthwise:
+        weights = call.kernel * n_out
+    elif call.kind == "conv":
+        weights = call.kernel * n_in / call.groups * n_out
+    else:  # linear
+        weights = n_in * n_out
+    macs = weights * call.spatial_out * batch
+    params = weights + (n_out if call.bias else 0.0)
+    acts = (n_in * call.spatial_in + n_out * call.spatial_out) * batch
+    return Cost(2.0 * macs, params, (acts + params) * bytes_per_element)
+
+
+def network_cost(
+    graph: HyperGraph,
+    widths: Mapping[int, float] | None = None,
+    *,
+    batch: int = 1,
+    bytes_per_element: int = 4,
+) -> Cost:
+    """Total cost of the network with edge ``gid`` at ``widths[gid]`` channels (default: full)."""
+    widths = widths or {}
+    total = Cost(0.0, 0.0, 0.0)
+    seen: set[str] = set()
+    for call in graph.calls:
+        c = layer_cost(call, widths, batch=batch, bytes_per_element=bytes_per_element)
+        if call.module in seen:  # a shared layer's weights count once, its FLOPs every call
+            c = Cost(c.flops, 0.0, c.bytes - c.params * bytes_per_element)
+        seen.add(call.module)
+        total = total + c
+    return total
+
+
+def edge_costs(
+    graph: HyperGraph, widths: Mapping[int, float] | None = None, *, bytes_per_element: int = 4
+) -> list[EdgeCost]:
+    """Per edge: the FLOPs, params and bytes that removing one channel saves.
+
+    Exact for edges that sit on one side of each layer; for an edge on both sides of a layer
+    (grouped convs) it is the derivative, which differs from a one-channel step by one term.
+    """
+    widths = dict(widths or {})
+    base = network_cost(graph, widths, bytes_per_element=bytes_per_element)
+    out = []
+    for e in graph.edges:
+        n = widths.get(e.gid, e.channels)
+        eps = 1e-3
+        c = network_cost(graph, {**widths, e.gid: n - eps}, bytes_per_element=bytes_per_element)
+        d = base - c
+        per = Cost(d.flops / eps, d.params / eps, d.bytes / eps)
+        out.append(
+            EdgeCost(
+                e.gid,
+                e.name,
+                int(n),
+                per.flops,
+                per.params,
+                per.bytes,
+                per.flops * n / base.flops if base.flops else 0.0,
+            )
+        )
+    return out
+
+
+def gator_units(graph: HyperGraph, cost: Cost) -> float:
+    """FLOPs in the original GATOR units: MACs divided by the input's pixel count.
+
+    ResNet-50 at 224x224 has 81456 units in its convs; CIFAR ResNet-56 122800.625 with its fc.
+    """
+    pixels = 1
+    for d in graph.input_shape[2:]:
+        pixels *= d
+    return cost.flops / 2.0 / pixels
+
+
+def flop_counter_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())

@@ -1,0 +1,25 @@
+"""Shared CLI pieces: consoles and option types."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+__all__ = ["InputSize", "NumClasses", "console", "err_console"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+InputSize = Annotated[
+    int | None,
+    typer.Option(
+        "--input-size",
+        help="Square input side in pixels (default: the model's own: "
+        "224, 299 for Inception, 32 for CIFAR nets).",
+    ),
+]
+NumClasses = Annotated[
+    int, typer.Option("--num-classes", help="Classifier outputs of the built model.")
+]

@@ -1,0 +1,108 @@
+"""``gator-hw models`` and ``gator-hw edges``: what can be built, and its hyperedges."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from gator_hw.accounting import edge_costs, gator_units, network_cost
+from gator_hw.commands.common import InputSize, NumClasses, console
+from gator_hw.models import available_models
+from gator_hw.network import Network, load_network
+
+__all__ = ["edges_report", "register"]
+
+
+def edges_report(net: Network) -> dict:
+    """The edge table of a network as plain data (what ``--json`` prints)."""
+    g = net.graph
+    total = network_cost(g)
+    costs = {c.edge: c for c in edge_costs(g)}
+    rows = []
+    for grp in g.groups:
+        c = costs.get(grp.gid) if grp.prunable else None
+        rows.append(
+            {
+                "index": grp.gid if grp.prunable else None,
+                "name": grp.name,
+                "channels": grp.channels,
+                "groups": grp.groups,
+                "members": [str(s) for s in grp.sites],
+                "prunable": grp.prunable,
+                "why_not": list(grp.frozen_reasons),
+                "flops_per_channel": c.flops_per_channel if c else None,
+                "params_per_channel": c.params_per_channel if c else None,
+                "bytes_per_channel": c.bytes_per_channel if c else None,
+                "flops_share": c.flops_share if c else None,
+            }
+        )
+    return {
+        "model": net.name,
+        "input_shape": list(g.input_shape),
+        "n_edges": g.n_edges,
+        "flops": total.flops,
+        "params": total.params,
+        "bytes": total.bytes,
+        "gator_units": gator_units(g, total),
+        "edges": rows,
+    }
+
+
+def _members(members: list[str], limit: int = 3) -> str:
+    text = ", ".join(members[:limit])
+    return text + (f" (+{len(members) - limit})" if len(members) > limit else "")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``models`` and ``edges`` commands to ``app``."""
+
+    @app.command("models")
+    def models_cmd() -> None:
+        """List the model names gator-hw can build (or pass path/to/file.py:factory)."""
+        for name in available_models():
+            console.print(name)
+
+    @app.command("edges")
+    def edges_cmd(
+        model: Annotated[
+            str, typer.Argument(help="torchvision name, resnet56, or file.py:factory.")
+        ],
+        input_size: InputSize = None,
+        num_classes: NumClasses = 1000,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print JSON instead of a table.")
+        ] = False,
+    ) -> None:
+        """Discover MODEL's hyperedges and print them with their cost shares."""
+        net = load_network(model, input_size=input_size, num_classes=num_classes)
+        report = edges_report(net)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        table = Table(
+            title=f"{net} ({report['flops'] / 1e9:.3f} GFLOPs, "
+            f"{report['params'] / 1e6:.2f} M params)"
+        )
+        for col, just in (
+            ("#", "right"),
+            ("edge", "left"),
+            ("ch", "right"),
+            ("FLOPs %", "right"),
+            ("members", "left"),
+            ("prunable", "left"),
+        ):
+            table.add_column(col, justify=just)
+        for row in report["edges"]:
+            share = f"{100 * row['flops_share']:.2f}" if row["flops_share"] is not None else "-"
+            table.add_row(
+                "-" if row["index"] is None else str(row["index"]),
+                row["name"] + (f" (g={row['groups']})" if row["groups"] > 1 else ""),
+                str(row["channels"]),
+                share,
+                _members(row["members"]),
+                "yes" if row["prunable"] else "no: " + "; ".join(row["why_not"])[:80],
+            )
+        console.print(table)

@@ -1,0 +1,52 @@
+"""A model together with its hypergraph: the starting point of every gator-hw step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from gator_hw.errors import GatorError
+from gator_hw.graph import HyperGraph, build_hypergraph
+from gator_hw.models import build_model, default_input_size, load_weights
+
+__all__ = ["Network", "load_network"]
+
+
+@dataclass(frozen=True)
+class Network:
+    """A built model, the name it was built from, its input shape and its hypergraph."""
+
+    name: str
+    model: nn.Module
+    graph: HyperGraph
+    input_size: int
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (1, 3, self.input_size, self.input_size)
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.input_size}x{self.input_size}: {self.graph.n_edges} edges"
+
+
+def load_network(
+    name: str,
+    *,
+    input_size: int | None = None,
+    num_classes: int = 1000,
+    weights: str | Path | None = None,
+    seed: int | None = 0,
+) -> Network:
+    """Build ``name`` (random init, or ``weights``), trace it and discover its hyperedges."""
+    if input_size is not None and input_size < 1:
+        raise GatorError(f"--input-size must be a positive number of pixels, got {input_size}")
+    size = input_size or default_input_size(name)
+    model = build_model(name, num_classes, seed=seed)
+    if weights is not None:
+        load_weights(model, weights)
+    graph = build_hypergraph(model, (1, 3, size, size), name)
+    n_out = getattr(model, "num_classes", None)
+    return Network(name, model, graph, size, int(n_out or num_classes))
