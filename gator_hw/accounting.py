@@ -119,27 +119,23 @@ def edge_costs(
 ) -> list[EdgeCost]:
     """Per edge: the FLOPs, params and bytes that removing one channel saves.
 
-    Exact for edges that sit on one side of each layer; for an edge on both sides of a layer
-    (grouped convs) it is the derivative, which differs from a one-channel step by one term.
+    This is the derivative of the cost in the edge's width: exactly the one-channel saving for
+    edges on one side of each layer; for an edge on both sides of a grouped conv it differs from
+    a one-channel step by one term.
     """
     widths = dict(widths or {})
     base = network_cost(graph, widths, bytes_per_element=bytes_per_element)
     out = []
     for e in graph.edges:
         n = widths.get(e.gid, e.channels)
-        eps = 1e-3
-        c = network_cost(graph, {**widths, e.gid: n - eps}, bytes_per_element=bytes_per_element)
-        d = base - c
-        per = Cost(d.flops / eps, d.params / eps, d.bytes / eps)
+        # costs are at most quadratic in one edge's width, so a central difference is exact
+        up = network_cost(graph, {**widths, e.gid: n + 1}, bytes_per_element=bytes_per_element)
+        down = network_cost(graph, {**widths, e.gid: n - 1}, bytes_per_element=bytes_per_element)
+        d = up - down
         out.append(
             EdgeCost(
-                e.gid,
-                e.name,
-                int(n),
-                per.flops,
-                per.params,
-                per.bytes,
-                per.flops * n / base.flops if base.flops else 0.0,
+                e.gid, e.name, int(n), d.flops / 2, d.params / 2, d.bytes / 2,
+                d.flops / 2 * n / base.flops if base.flops else 0.0,
             )
         )
     return out

@@ -188,7 +188,7 @@ def build_model(name: str, num_classes: int = 1000, *, seed: int | None = 0) -> 
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state dict (``.pt``/``.pth`` via ``weights_only`` or ``.safetensors``) into ``model``."""
+    """Load a state dict (``.pt``/``.pth``, read with ``weights_only``, or ``.safetensors``)."""
     path = Path(path)
     if not path.is_file():
         raise GatorError(f"weights file {path} does not exist")

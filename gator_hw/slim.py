@@ -84,7 +84,7 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
 
 
 def slim(model: nn.Module, graph: HyperGraph, plan: Plan) -> nn.Module:
-    """Return a smaller copy of ``model`` keeping the channels of ``plan`` (the original is untouched).
+    """Return a smaller copy of ``model`` keeping the channels of ``plan`` (original untouched).
 
     ``plan`` maps edge index (or name) to kept channel indices; edges it does not name keep all
     their channels. Every edge must keep at least one channel.

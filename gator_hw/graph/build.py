@@ -193,7 +193,7 @@ def _finalize(b: Builder, model_name: str, input_shape: tuple[int, ...]) -> Hype
 def build_hypergraph(
     model: nn.Module, input_shape: tuple[int, ...], name: str = "model"
 ) -> HyperGraph:
-    """Discover the hyperedges of ``model`` for inputs of ``input_shape`` (e.g. ``(1, 3, 224, 224)``).
+    """Discover the hyperedges of ``model`` for inputs of ``input_shape``, e.g. (1, 3, 224, 224).
 
     The model is traced with torch.fx in eval mode and run once on zeros to learn every shape.
     Ops without a channel rule freeze the channels they touch (see ``ChannelGroup.frozen_reasons``).

@@ -1,0 +1,56 @@
+"""Shared fixtures: reference files, small random models, random plans."""
+
+from __future__ import annotations
+
+import random
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gator_hw.graph import HyperGraph
+from gator_hw.network import Network, load_network
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    """The original GATOR's published files (configs, timing and result tables)."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference fixtures not found under {REFERENCE} (shared/reference absent)")
+    return REFERENCE
+
+
+@cache
+def cached_network(name: str, input_size: int | None = None) -> Network:
+    """Build and trace a model once per test session (tests must not mutate it)."""
+    return load_network(name, input_size=input_size)
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give batch norms non-trivial statistics so zeroed channels show up in the output."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+    return model
+
+
+def random_plan(graph: HyperGraph, seed: int = 0) -> dict[int, list[int]]:
+    """Random kept channels for every edge (1..C, balanced over conv groups)."""
+    rng = random.Random(seed)
+    plan = {}
+    for e in graph.edges:
+        n = graph.valid_keep_count(e.gid, rng.randint(1, e.channels))
+        size, per = e.channels // e.groups, n // e.groups
+        plan[e.gid] = sorted(
+            g * size + i for g in range(e.groups) for i in rng.sample(range(size), per)
+        )
+    return plan
