@@ -83,11 +83,12 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
     m.num_features = len(idx)
 
 
-def slim(model: nn.Module, graph: HyperGraph, plan: Plan) -> nn.Module:
+def slim(model: nn.Module, graph: HyperGraph, plan: Plan, *, missing_ok: bool = False) -> nn.Module:
     """Return a smaller copy of ``model`` keeping the channels of ``plan`` (original untouched).
 
     ``plan`` maps edge index (or name) to kept channel indices; edges it does not name keep all
-    their channels. Every edge must keep at least one channel.
+    their channels. Every edge must keep at least one channel. With ``missing_ok``, layers of
+    the graph that the model no longer has (folded away by conversion) are skipped.
     """
     keep = graph.normalize_plan(plan)
     new = copy.deepcopy(model)
@@ -98,6 +99,8 @@ def slim(model: nn.Module, graph: HyperGraph, plan: Plan) -> nn.Module:
             continue
         done.add(call.module)
         m = modules.get(call.module)
+        if m is None and missing_ok:
+            continue
         if m is None:
             raise GatorError(f"the model has no layer {call.module}; it does not match its graph")
         out_idx = layout_index(call.out_layout, keep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from types import MappingProxyType
 
 import torch
 from torch import fx, nn
@@ -66,11 +67,10 @@ def _readable(node: fx.Node) -> str:
     return f"{target} ({node.name})"
 
 
-def _run_rules(gm: fx.GraphModule) -> tuple[Builder, int]:
+def _run_rules(gm: fx.GraphModule) -> tuple[Builder, dict[str, Layout]]:
     b = Builder()
     layouts: dict[fx.Node, Layout | None] = {}
     modules = dict(gm.named_modules())
-    order = 0
     for order, node in enumerate(gm.graph.nodes):
         shape = _shape(node)
         if node.op == "placeholder":
@@ -96,7 +96,7 @@ def _run_rules(gm: fx.GraphModule) -> tuple[Builder, int]:
             )
             rule = rule_for(call)
             layouts[node] = rule(b, call) if rule is not None else b.unknown(call)
-    return b, order
+    return b, {n.name: lay for n, lay in layouts.items() if lay is not None}
 
 
 def _unify_shared_modules(b: Builder) -> None:
@@ -131,7 +131,13 @@ def _group_name(writers: list[str], sites: list[tuple], reasons: list[str]) -> s
     return f"{prefix}.*" if prefix else f"{writers[0]}+{len(writers) - 1}"
 
 
-def _finalize(b: Builder, model_name: str, input_shape: tuple[int, ...]) -> HyperGraph:
+def _finalize(
+    b: Builder,
+    node_layouts: dict[str, Layout],
+    dataflow: dict[str, tuple[str, str, tuple[str, ...]]],
+    model_name: str,
+    input_shape: tuple[int, ...],
+) -> HyperGraph:
     roots = sorted({b.find(s.sid) for s in b.spaces})
     entries = []
     for sid in roots:
@@ -187,7 +193,11 @@ def _finalize(b: Builder, model_name: str, input_shape: tuple[int, ...]) -> Hype
         LayerCall(**{**lc, "in_layout": seg(lc["in_layout"]), "out_layout": seg(lc["out_layout"])})
         for lc in b.layer_calls
     )
-    return HyperGraph(model_name, tuple(input_shape), tuple(groups), n_edges, calls)
+    nodes = {name: seg(lay) for name, lay in node_layouts.items()}
+    return HyperGraph(
+        model_name, tuple(input_shape), tuple(groups), n_edges, calls, MappingProxyType(nodes),
+        MappingProxyType(dataflow),
+    )
 
 
 def build_hypergraph(
@@ -199,6 +209,15 @@ def build_hypergraph(
     Ops without a channel rule freeze the channels they touch (see ``ChannelGroup.frozen_reasons``).
     """
     gm = trace(model, input_shape, name)
-    b, _ = _run_rules(gm)
+    b, node_layouts = _run_rules(gm)
     _unify_shared_modules(b)
-    return _finalize(b, name, input_shape)
+    return _finalize(b, node_layouts, _dataflow(gm), name, input_shape)
+
+
+def _dataflow(gm: fx.GraphModule) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """Node name -> (op, target for call_module else "", input node names), in forward order."""
+    return {
+        n.name: (n.op, str(n.target) if n.op == "call_module" else "",
+                 tuple(a.name for a in n.all_input_nodes))
+        for n in gm.graph.nodes
+    }

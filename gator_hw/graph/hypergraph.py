@@ -130,6 +130,9 @@ class HyperGraph:
 
     ``groups[:n_edges]`` are the prunable hyperedges in edge order (``gid`` == edge index); the
     rest are frozen groups (network input and output, channels touched by ops without a rule).
+    ``calls`` are the weighted layer calls in forward order; ``node_layouts`` gives the channel
+    layout of every traced tensor (by torch.fx node name), and ``dataflow`` every traced node as
+    ``(op, module name for call_module, input node names)``, in forward order.
     Edge order: by the forward position of the last layer that writes the edge's channels. For
     torchvision ResNet-50 this is the GATOR order (stem, per block inner1, inner2, then each
     stage's highway after its blocks).
@@ -140,7 +143,8 @@ class HyperGraph:
     groups: tuple[ChannelGroup, ...]
     n_edges: int
     calls: tuple[LayerCall, ...]
-    warnings: tuple[str, ...] = field(default=())
+    node_layouts: Mapping[str, tuple[Seg, ...]] = field(default_factory=dict)
+    dataflow: Mapping[str, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
 
     @property
     def edges(self) -> tuple[ChannelGroup, ...]:

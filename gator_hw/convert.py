@@ -1,0 +1,173 @@
+"""Conversion: kept channels per edge -> a really smaller model that equals the gated one.
+
+Edges that keep channels are sliced by ``gator_hw.slim``. An edge that keeps *no* channel
+cuts every layer that reads only it from the data: what those layers compute no longer depends
+on the input (a residual branch whose inner edge is empty, say). Such a part of the network is
+evaluated once and replaced by the constant it produces (its last batch-norm shift pushed
+through what follows), then removed with its now unused writers, so the converted model equals
+the gated one exactly. The result is a ``torch.fx.GraphModule`` when anything was folded, and a
+copy of the original class otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from gator_hw.errors import GatorError
+from gator_hw.graph import HyperGraph, trace
+from gator_hw.graph.hypergraph import READ_ROLES
+from gator_hw.masking import mask_model
+from gator_hw.slim import layout_index, slim
+
+__all__ = ["CONST_PREFIX", "constant_nodes", "convert", "disconnects", "removable_edges"]
+
+#: buffers holding folded constants are named ``gator_const_<k>`` in the converted model
+CONST_PREFIX = "gator_const_"
+
+
+def _readers_only_of(graph: HyperGraph) -> set[int]:
+    """Edges whose every reading layer reads nothing else."""
+    layouts = {c.module: c.in_layout for c in graph.calls}
+    out = set()
+    for e in graph.edges:
+        readers = {s.module for s in e.sites if s.role in READ_ROLES}
+        if readers and all(
+            all(seg.gid == e.gid for seg in layouts[m]) for m in readers if m in layouts
+        ):
+            out.add(e.gid)
+    return out
+
+
+def _cut_readers(graph: HyperGraph, empty: set[int]) -> set[str]:
+    """Layers whose whole input is made of empty edges."""
+    return {
+        c.module for c in graph.calls
+        if c.in_layout and all(seg.gid in empty for seg in c.in_layout)
+    }
+
+
+def constant_nodes(graph: HyperGraph, empty: set[int]) -> set[str]:
+    """Traced nodes whose value no longer depends on the input once ``empty`` edges are gone."""
+    cut = _cut_readers(graph, empty)
+    const: set[str] = set()
+    for name, (op, module, inputs) in graph.dataflow.items():
+        if op in ("placeholder", "output"):
+            continue
+        if (op == "call_module" and module in cut) or op == "get_attr" or (
+            inputs and all(a in const for a in inputs)
+        ):
+            const.add(name)
+    return const
+
+
+def disconnects(graph: HyperGraph, empty: set[int]) -> bool:
+    """Whether emptying ``empty`` leaves the network output independent of its input."""
+    const = constant_nodes(graph, empty)
+    return any(
+        a in const for op, _, inputs in graph.dataflow.values() if op == "output" for a in inputs
+    )
+
+
+def removable_edges(graph: HyperGraph) -> set[int]:
+    """Edges that may keep no channel: read by nothing else, and not a cut of the network.
+
+    Emptying such an edge removes the part of the network it feeds (a residual branch) and
+    folds what that part added into a constant.
+    """
+    return {g for g in _readers_only_of(graph) if not disconnects(graph, {g})}
+
+
+def _values(gm: fx.GraphModule, nodes: set[fx.Node], example: torch.Tensor) -> dict:
+    """Run ``gm`` once and return the values of ``nodes`` (batch 1: they are input-free)."""
+    values: dict[fx.Node, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            result = super().run_node(n)
+            if n in nodes:
+                values[n] = result.detach().clone()
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(example)
+    return values
+
+
+def _fold(model: nn.Module, graph: HyperGraph, keep: Mapping[int, Sequence[int]],
+          empty: set[int]) -> fx.GraphModule:
+    """Trace ``model`` and replace the parts cut off by ``empty`` edges with constants."""
+    gm = trace(model, graph.input_shape, graph.model_name)
+    if disconnects(graph, empty):
+        alone = [g for g in sorted(empty) if disconnects(graph, {g})]
+        names = ", ".join(graph.edges[g].name for g in (alone or sorted(empty)))
+        raise GatorError(
+            f"removing every channel of {names} disconnects the network output from its input; "
+            "keep at least one channel there"
+        )
+    names = constant_nodes(graph, empty)
+    const = {n for n in gm.graph.nodes if n.name in names}
+    frontier = {n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)}
+    handles = mask_model(gm, graph, keep)
+    try:
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        was_training = gm.training
+        gm.eval()
+        values = _values(gm, frontier, torch.zeros(graph.input_shape, device=device))
+        gm.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(placeholder):
+        batch = gm.graph.call_method("size", (placeholder, 0))
+    for k, node in enumerate(sorted(frontier, key=lambda n: n.name)):
+        name = f"{CONST_PREFIX}{k}"
+        value = values[node]
+        layout = graph.node_layouts.get(node.name)
+        if layout is not None and value.dim() >= 2:  # slice to the channels that stay
+            value = value.index_select(1, layout_index(layout, keep).to(value.device))
+        gm.register_buffer(name, value.contiguous())
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(name)
+            if value.dim() >= 1:  # batch 1 -> the input's batch (a view, no copy)
+                new = gm.graph.call_method("expand", (new, batch, *value.shape[1:]))
+        node.replace_all_uses_with(new)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def convert(model: nn.Module, graph: HyperGraph, keep: Mapping[int | str, Sequence[int]]
+            ) -> nn.Module:
+    """Remove every channel not in ``keep`` (edge -> kept indices) for real.
+
+    Edges not named keep all their channels. An edge may keep none when every layer that reads
+    it reads nothing else (``removable_edges``); the parts of the network that this cuts off
+    are folded into constants. The model is used in eval mode (batch-norm statistics).
+    """
+    full = graph.normalize_plan(keep, min_keep=0)
+    empty = {g for g, idx in full.items() if not idx}
+    bad = sorted(empty - _readers_only_of(graph))
+    if bad:
+        e = graph.edges[bad[0]]
+        raise GatorError(
+            f"edge {e.name} keeps no channel but is read together with other channels "
+            "(a concatenation); keep at least one channel of it"
+        )
+    if not empty:
+        return slim(model, graph, full).eval()
+    gm = _fold(copy.deepcopy(model).eval(), graph, full, empty)
+    left = {name for name, _ in gm.named_modules()}
+    for e in (graph.edges[g] for g in sorted(empty)):
+        still = sorted({s.module for s in e.sites} & left)
+        if still:
+            raise GatorError(
+                f"edge {e.name} keeps no channel but {still[0]} still uses it; keep at least one"
+            )
+    kept = {g: idx for g, idx in full.items() if idx}
+    return slim(gm, graph, kept, missing_ok=True).eval()
