@@ -1,4 +1,4 @@
-"""Save and load converted models: ``model.safetensors`` + ``plan.json``, no pickle, no class of ours.
+"""Save and load converted models as ``model.safetensors`` + ``plan.json``: no pickle, no class.
 
 ``plan.json`` records how to rebuild the network: the builder name (or ``file.py:factory``),
 the number of classes, the input size and the kept channel indices of every edge. Loading
@@ -118,7 +118,8 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu") -> nn.Mod
     doc = load_plan(directory)
     net = load_network(doc["model"], input_size=doc["input_size"], num_classes=doc["num_classes"])
     edges = doc["edges"]
-    if [(e["name"], e["channels"]) for e in edges] != [(e.name, e.channels) for e in net.graph.edges]:
+    ours = [(e.name, e.channels) for e in net.graph.edges]
+    if [(e["name"], e["channels"]) for e in edges] != ours:
         raise GatorError(
             f"{Path(directory) / PLAN_FILE} does not match the edges of {doc['model']} "
             "(another model or another gator-hw version); convert the run again"
