@@ -7,8 +7,8 @@ PyTorch's to ``rtol`` relative to the largest output magnitude.
 
 from __future__ import annotations
 
-import importlib.util
 import contextlib
+import importlib.util
 import inspect
 import io
 import warnings
@@ -123,7 +123,9 @@ def export_torchscript(
     )
 
 
-def export_program(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> ExportReport:
+def export_program(
+    model: nn.Module, input_shape: tuple[int, ...], path: str | Path
+) -> ExportReport:
     """Export with ``torch.export`` (dynamic batch) to a ``.pt2`` file and verify it."""
     model = model.eval().cpu()
     path = Path(path)
