@@ -1,0 +1,243 @@
+"""The latency cost model: candidates, grouped cross-validation, multipliers, JSON save/load.
+
+Candidates (all scikit-learn, all predict a network's latency in ms from its edge widths):
+
+* ``flops_linear``: latency = a + b * FLOPs (what FLOPs-based pruning assumes).
+* ``ridge``: standardised ridge regression on per-layer FLOPs, bytes and misaligned FLOPs
+  (a per-layer latency-per-FLOP model, exact in how widths combine).
+* ``hgb`` / ``rf``: gradient-boosted trees / random forest on totals and per-edge relative
+  widths and alignment flags (they can learn the latency staircase).
+
+Selection is by cross-validation grouped by edge: every width of one edge's probes is held
+out together, so a model is scored on edges it never saw. Random nets marked for validation
+are never used here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+from sklearn.linear_model import LinearRegression, RidgeCV
+from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from gator_hw.atomic import write_json
+from gator_hw.costmodel.dataset import Samples, file_sha256, load_samples
+from gator_hw.costmodel.features import FeatureMap
+from gator_hw.errors import GatorError
+from gator_hw.graph.hypergraph import HyperGraph
+
+__all__ = [
+    "CANDIDATES",
+    "MODEL_FORMAT",
+    "CostModel",
+    "fit_cost_model",
+    "holdout_mask",
+    "load_cost_model",
+]
+
+MODEL_FORMAT = "gator-hw/costmodel"
+MIN_SAMPLES = 6
+
+
+def _estimator(name: str):
+    if name == "flops_linear":
+        return LinearRegression()
+    if name == "ridge":
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-4, 3, 15)))
+    if name == "hgb":
+        return HistGradientBoostingRegressor(
+            max_iter=300, learning_rate=0.05, min_samples_leaf=3, random_state=0
+        )
+    if name == "rf":
+        return RandomForestRegressor(n_estimators=300, random_state=0, n_jobs=1)
+    raise GatorError(f"unknown cost model '{name}'; choose one of {', '.join(CANDIDATES)}")
+
+
+#: candidate name -> which feature view it reads
+CANDIDATES: dict[str, str] = {
+    "flops_linear": "flops", "ridge": "layer", "hgb": "edge", "rf": "edge"
+}
+
+
+def _features(fmap: FeatureMap, view: str, widths: np.ndarray) -> np.ndarray:
+    if view == "flops":
+        return fmap.flops(widths)[:, None] / 1e9
+    return fmap.layer(widths) if view == "layer" else fmap.edge(widths)
+
+
+def holdout_mask(samples: Samples, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Random nets kept out of fitting for validation: a seeded draw of ``fraction`` of them."""
+    mask = np.zeros(len(samples), dtype=bool)
+    rnd = np.flatnonzero(samples.kind == "random")
+    order = rnd[np.argsort(samples.variant[rnd], kind="stable")]
+    n_hold = int(round(len(order) * fraction))
+    mask[np.random.default_rng(seed).permutation(order)[:n_hold]] = True
+    return mask
+
+
+def _mape(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean(np.abs(p - y) / y) * 100.0)
+
+
+@dataclass
+class CostModel:
+    """A fitted latency model of one network on one device setting."""
+
+    graph: HyperGraph
+    fmap: FeatureMap
+    method: str
+    estimator: object
+    baseline_ms: float
+    fit_variants: list[str]
+    cv_mape: dict[str, float] = field(default_factory=dict)
+    tables: list[dict] = field(default_factory=list)
+    context: dict = field(default_factory=dict)
+
+    def predict(self, widths: np.ndarray) -> np.ndarray:
+        """Predicted latency in ms of each width vector (rows of ``widths``)."""
+        x = _features(self.fmap, CANDIDATES[self.method], np.atleast_2d(widths))
+        with _one_thread():
+            return np.asarray(self.estimator.predict(x), dtype=float)
+
+    def full_widths(self) -> np.ndarray:
+        return np.array([e.channels for e in self.graph.edges], dtype=np.int64)
+
+    def multipliers(self, widths: Sequence[int] | None = None) -> list[float]:
+        """Per edge: predicted latency saved (%) over FLOPs saved (%) when it is halved.
+
+        This is the GATOR ``edge_multipliers`` convention (half-width probe at the current
+        widths, every other edge as is). Values are floored at 0.01: a probe the model thinks
+        costs nothing still keeps a small price.
+        """
+        w0 = np.asarray(widths if widths is not None else self.full_widths(), dtype=np.int64)
+        probes = [w0]
+        for e in self.graph.edges:
+            w = w0.copy()
+            w[e.gid] = self.graph.valid_keep_count(e.gid, max(1, int(w0[e.gid]) // 2))
+            probes.append(w)
+        probes_arr = np.stack(probes)
+        t = self.predict(probes_arr)
+        f = self.fmap.flops(probes_arr)
+        out = []
+        for i in range(1, len(probes)):
+            dt = 100.0 * (t[0] - t[i]) / t[0]
+            df = 100.0 * (f[0] - f[i]) / f[0]
+            out.append(max(0.01, dt / df) if df > 0 else 1.0)
+        return out
+
+    def to_json(self) -> dict:
+        params = {k: v for k, v in self.estimator.get_params().items() if _jsonable(v)}
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": 1,
+            "model": self.graph.model_name,
+            "input_shape": list(self.graph.input_shape),
+            "method": self.method,
+            "params": params,
+            "baseline_ms": self.baseline_ms,
+            "cv_mape": self.cv_mape,
+            "fit_variants": self.fit_variants,
+            "tables": self.tables,
+            "context": self.context,
+            "multipliers": self.multipliers(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as JSON (parameters and source tables; no pickle)."""
+        return write_json(path, self.to_json())
+
+    def __str__(self) -> str:
+        cv = ", ".join(f"{k} {v:.2f}%" for k, v in self.cv_mape.items())
+        return f"CostModel({self.graph.model_name}, {self.method}; CV MAPE: {cv})"
+
+
+def _jsonable(v) -> bool:
+    return isinstance(v, (int, float, str, bool, type(None)))
+
+
+def _one_thread():
+    """Tiny data sets: OpenMP threads only add contention (HGB runs 70x slower on a busy box)."""
+    return threadpool_limits(limits=1)
+
+
+def fit_cost_model(
+    tables: Sequence[str | Path],
+    graph: HyperGraph,
+    *,
+    method: str = "auto",
+    holdout: float = 0.5,
+) -> CostModel:
+    """Fit the cost model on profile tables; ``auto`` keeps the best candidate by grouped CV.
+
+    A ``holdout`` fraction of the random nets is left out for ``validate``.
+    """
+    if method != "auto" and method not in CANDIDATES:
+        raise GatorError(
+            f"unknown cost-model method '{method}'; choose auto or one of {', '.join(CANDIDATES)}"
+        )
+    samples = load_samples(tables, graph)
+    fit = samples.subset(~holdout_mask(samples, holdout))
+    if len(fit) < MIN_SAMPLES:
+        raise GatorError(
+            f"only {len(fit)} measured networks to fit; the cost model needs at least "
+            f"{MIN_SAMPLES}: profile more widths (--widths 0.25,0.5,0.75) or --random-nets"
+        )
+    fmap = FeatureMap(graph, samples.batch, samples.dtype)
+    names = list(CANDIDATES) if method == "auto" else [method]
+    groups = fit.groups
+    n_splits = min(5, len(set(groups)))
+    cv: dict[str, float] = {}
+    with _one_thread():
+        for name in names:
+            x = _features(fmap, CANDIDATES[name], fit.widths)
+            if n_splits >= 2:
+                pred = cross_val_predict(_estimator(name), x, fit.latency_ms, groups=groups,
+                                         cv=GroupKFold(n_splits=n_splits))
+                cv[name] = _mape(fit.latency_ms, pred)
+        best = min(cv, key=cv.get) if cv else names[0]
+        est = clone(_estimator(best)).fit(_features(fmap, CANDIDATES[best], fit.widths),
+                                          fit.latency_ms)
+    return CostModel(
+        graph, fmap, best, est, samples.baseline_ms, sorted(fit.variant.tolist()), cv,
+        [{"path": str(p), "sha256": file_sha256(p)} for p in tables], samples.context,
+    )
+
+
+def load_cost_model(path: str | Path, graph: HyperGraph) -> CostModel:
+    """Load a saved cost model: re-read its tables (hash-checked) and refit the same estimator."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GatorError(f"cannot read cost model {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
+        raise GatorError(f"{path} is not a gator-hw cost model file")
+    if doc["model"] != graph.model_name:
+        raise GatorError(f"{path} models {doc['model']}, not {graph.model_name}")
+    tables = []
+    for t in doc["tables"]:
+        p = Path(t["path"])
+        if not p.is_absolute() and not p.exists():
+            p = path.parent / p
+        if not p.is_file():
+            raise GatorError(f"table {t['path']} of cost model {path} is missing; refit it")
+        if file_sha256(p) != t["sha256"]:
+            raise GatorError(f"table {p} changed since cost model {path} was fitted; refit it")
+        tables.append(p)
+    samples = load_samples(tables, graph)
+    fit = samples.subset(np.isin(samples.variant, doc["fit_variants"]))
+    fmap = FeatureMap(graph, samples.batch, samples.dtype)
+    est = _estimator(doc["method"]).set_params(**doc["params"])
+    with _one_thread():
+        est.fit(_features(fmap, CANDIDATES[doc["method"]], fit.widths), fit.latency_ms)
+    return CostModel(graph, fmap, doc["method"], est, samples.baseline_ms, doc["fit_variants"],
+                     doc.get("cv_mape", {}), doc["tables"], doc.get("context", {}))

@@ -1,0 +1,149 @@
+"""The regression cost model on tables with a known latency law, and make-config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from gator_hw.config import read_config
+from gator_hw.costmodel.dataset import load_samples
+from gator_hw.costmodel.make import make_config
+from gator_hw.costmodel.model import _estimator, fit_cost_model, holdout_mask, load_cost_model
+from gator_hw.costmodel.validate import score, validate
+from gator_hw.errors import GatorError
+from tests.conftest import cached_network
+from tests.synthetic import true_latency_ms, write_synthetic_table
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    net = cached_network("resnet18", 32)
+    return write_synthetic_table(tmp_path_factory.mktemp("t") / "r18_b4.csv", net)
+
+
+@pytest.fixture(scope="module")
+def fitted(table):
+    return fit_cost_model([table], cached_network("resnet18", 32).graph)
+
+
+def test_random_nets_are_split_and_held_out(table) -> None:
+    s = load_samples([table], cached_network("resnet18", 32).graph)
+    held = holdout_mask(s)
+    assert held.sum() == 15 and set(s.kind[held]) == {"random"}
+    rounded = np.array([all(w % 8 == 0 for w in ws) for ws in s.widths])
+    assert 0 < (held & rounded).sum() < held.sum()  # both kinds of random nets are held out
+
+
+def test_selection_recovers_the_layer_law(fitted) -> None:
+    assert fitted.method == "ridge"
+    assert fitted.cv_mape["ridge"] < fitted.cv_mape["flops_linear"] / 5
+    assert not set(fitted.fit_variants) & set(_held(fitted))
+
+
+def _held(model) -> list[str]:
+    s = load_samples([model.tables[0]["path"]], model.graph)
+    return s.variant[(s.kind == "random") & ~np.isin(s.variant, model.fit_variants)].tolist()
+
+
+def test_validation_beats_both_baselines(fitted, table) -> None:
+    s = load_samples([table], fitted.graph)
+    scores, detail = validate(fitted, s)
+    by = {x.predictor: x for x in scores}
+    ours = by["cost model"]
+    assert ours.n == 15 and ours.mape <= 5.0 and ours.within10 >= 90.0 and ours.spearman >= 0.95
+    for base in ("flops_linear", "gator_additive"):
+        b = by[base]
+        assert ours.mape < b.mape and ours.worst < b.worst
+        assert ours.within5 >= b.within5 and ours.within10 >= b.within10
+        assert ours.spearman > b.spearman and abs(ours.mean_signed) < abs(b.mean_signed)
+    held_widths = np.stack([s.widths[list(s.variant).index(v)] for v in detail["variants"]])
+    truth = true_latency_ms(cached_network("resnet18", 32), held_widths)
+    assert np.allclose(detail["measured_ms"], truth * 1.01, rtol=0.02)
+
+
+def test_multipliers_follow_the_latency_law(fitted) -> None:
+    mu = fitted.multipliers()
+    g = fitted.graph
+    assert len(mu) == g.n_edges and min(mu) > 0
+    stem = next(e.gid for e in g.edges if "conv1" in e.writers)
+    deep = [e.gid for e in g.edges if e.name.startswith("layer4")]
+    assert all(mu[stem] > 2 * mu[d] for d in deep)  # the 3x-per-FLOP stage costs more
+
+
+def test_score_against_hand_values() -> None:
+    s = score("x", np.array([10.0, 20.0, 40.0]), np.array([11.0, 19.0, 40.0]))
+    assert s.mape == pytest.approx((10 + 5 + 0) / 3)
+    assert s.within5 == pytest.approx(200 / 3) and s.within10 == 100.0
+    assert s.worst == pytest.approx(10.0) and s.mean_signed == pytest.approx((10 - 5) / 3)
+    assert s.spearman == pytest.approx(1.0)
+
+
+def test_save_and_refit_on_load(fitted, tmp_path: Path, table) -> None:
+    path = fitted.save(tmp_path / "cm.json")
+    doc = json.loads(path.read_text())
+    assert doc["method"] == "ridge" and len(doc["multipliers"]) == fitted.graph.n_edges
+    assert b"pickle" not in path.read_bytes()
+    again = load_cost_model(path, fitted.graph)
+    w = np.array([[max(1, e.channels // 3) for e in fitted.graph.edges]])
+    assert again.predict(w) == pytest.approx(fitted.predict(w), rel=1e-9)
+    with pytest.raises(GatorError, match="models resnet18, not resnet20"):
+        load_cost_model(path, cached_network("resnet20").graph)
+
+
+def test_changed_table_is_detected(tmp_path: Path) -> None:
+    net = cached_network("resnet18", 32)
+    t = write_synthetic_table(tmp_path / "t.csv", net, fractions=(0.5,), random_nets=6)
+    cm = fit_cost_model([t], net.graph, method="flops_linear")
+    path = cm.save(tmp_path / "cm.json")
+    t.write_text(t.read_text().replace("\n", "\n", 1) + "\n")
+    with pytest.raises(GatorError, match="changed since cost model"):
+        load_cost_model(path, net.graph)
+
+
+def test_estimators_follow_sklearn_conventions(table) -> None:
+    s = load_samples([table], cached_network("resnet18", 32).graph)
+    x = np.random.default_rng(0).normal(size=(len(s), 5))
+    for name in ("ridge", "hgb", "rf"):
+        a = clone(_estimator(name)).fit(x, s.latency_ms).predict(x)
+        b = clone(_estimator(name)).fit(x, s.latency_ms).predict(x)
+        assert np.array_equal(a, b), name
+
+
+def test_make_config_model_method(table, tmp_path: Path) -> None:
+    result = make_config([table], method="model")
+    cfg = result.config
+    assert len(cfg.edge_multipliers) == 12
+    assert cfg.provenance["method"] == "model:ridge" and cfg.provenance["batch"] == 4
+    assert cfg.provenance["tables"][0]["sha256"]
+    from gator_hw.config import write_config
+
+    write_config(cfg, tmp_path / "c.json")
+    assert read_config(tmp_path / "c.json").edge_multipliers == cfg.edge_multipliers
+
+
+def test_make_config_gator_method_reproduces_reference(reference_dir) -> None:
+    result = make_config(
+        [reference_dir / "timinig_resnet_50_edges_7_runs_batch_32.csv"], method="gator",
+        model="resnet50",
+    )
+    ref_path = reference_dir / "resnet_50_flops_rel_timing_config_batch_32.json"
+    ref = json.loads(ref_path.read_text())
+    np.testing.assert_allclose(result.config.edge_multipliers, ref["edge_multipliers"], rtol=1e-9)
+
+
+def test_make_config_bad_input(table, tmp_path: Path) -> None:
+    with pytest.raises(GatorError, match="unknown method 'magic'"):
+        make_config([table], method="magic")
+    with pytest.raises(GatorError, match="does not exist"):
+        make_config([tmp_path / "none.csv"])
+    with pytest.raises(GatorError, match="not measured on resnet50"):
+        make_config([table], method="model", model="resnet50")
+    few = write_synthetic_table(tmp_path / "few.csv", cached_network("resnet18", 32),
+                                fractions=(0.5,), random_nets=0)
+    with pytest.raises(GatorError, match="held-out random nets"):
+        validate(fit_cost_model([few], cached_network("resnet18", 32).graph),
+                 load_samples([few], cached_network("resnet18", 32).graph))
