@@ -58,3 +58,27 @@ def test_main_exits_with_1_on_gator_error(capsys) -> None:
     else:  # pragma: no cover
         raise AssertionError("main did not exit")
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_make_config_validate_plot_commands(tmp_path) -> None:
+    from tests.conftest import cached_network
+    from tests.synthetic import write_synthetic_table
+
+    table = write_synthetic_table(tmp_path / "r18.csv", cached_network("resnet18", 32),
+                                  fractions=(0.5,), random_nets=12)
+    cfg, cm = tmp_path / "cfg.json", tmp_path / "cm.json"
+    r = runner.invoke(app, ["make-config", "--timing", str(table), "--out", str(cfg),
+                            "--model-out", str(cm)])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(cfg.read_text())["edge_multipliers"]) == 12
+    r = runner.invoke(app, ["validate", "--model-file", str(cm), "--json-out",
+                            str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.output
+    scores = json.loads((tmp_path / "v.json").read_text())["scores"]
+    assert [s["predictor"] for s in scores] == ["cost model", "flops_linear", "gator_additive"]
+    r = runner.invoke(app, ["plot", "--tables", str(table), "--model-file", str(cm), "--out",
+                            str(tmp_path / "plots")])
+    assert r.exit_code == 0, r.output
+    made = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert made == sorted(f"{s}.{e}" for s in ("flops_vs_latency", "edge_shares", "parity",
+                                                "multipliers") for e in ("png", "svg"))
