@@ -1,0 +1,113 @@
+"""``gator-hw export``, ``eval`` and ``bench`` on a converted model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gator_hw.commands.common import console
+
+__all__ = ["register"]
+
+ModelDir = Annotated[
+    Path,
+    typer.Argument(help="Directory written by `gator-hw convert` (model.safetensors + plan.json)."),
+]
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``export``, ``eval`` and ``bench`` to ``app``."""
+
+    @app.command("export")
+    def export_cmd(
+        model_dir: ModelDir,
+        onnx: Annotated[Path | None, typer.Option(help="Write an ONNX file here.")] = None,
+        torchscript: Annotated[
+            Path | None, typer.Option(help="Write a TorchScript file here.")
+        ] = None,
+        program: Annotated[
+            Path | None,
+            typer.Option("--torch-export", help="Write a torch.export program (.pt2) here."),
+        ] = None,
+    ) -> None:
+        """Export a converted model and check the export against PyTorch (1e-4 relative)."""
+        from gator_hw.errors import GatorError
+        from gator_hw.export import export_onnx, export_program, export_torchscript
+        from gator_hw.io import load, load_plan
+
+        if not (onnx or torchscript or program):
+            raise GatorError("nothing to export; pass --onnx, --torchscript or --torch-export")
+        doc = load_plan(model_dir)
+        model = load(model_dir)
+        shape = (1, 3, doc["input_size"], doc["input_size"])
+        for fn, path in (
+            (export_onnx, onnx),
+            (export_torchscript, torchscript),
+            (export_program, program),
+        ):
+            if path is not None:
+                console.print(str(fn(model, shape, path)))
+
+    @app.command("eval")
+    def eval_cmd(
+        model_dir: ModelDir,
+        data: Annotated[
+            str,
+            typer.Option(help="digits, fake, imagefolder:PATH (train/ and val/) or cifar10:PATH."),
+        ],
+        batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+        device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    ) -> None:
+        """Top-1 and top-5 accuracy of a converted model on the validation split."""
+        from gator_hw.evaluate import accuracy
+        from gator_hw.io import load, load_plan
+        from gator_hw.profile.timing import resolve_device
+        from gator_hw.train.data import load_data
+
+        dev = resolve_device(device)
+        doc = load_plan(model_dir)
+        ds = load_data(data, doc["input_size"])
+        acc = accuracy(load(model_dir), ds.val, batch_size=batch_size, device=dev)
+        console.print(f"{doc['model']} (converted): {acc}")
+
+    @app.command("bench")
+    def bench_cmd(
+        model_dir: ModelDir,
+        device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+        batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 8,
+        dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+        channels_last: Annotated[bool, typer.Option(help="NHWC memory format.")] = False,
+        eager: Annotated[bool, typer.Option(help="On CUDA, time eager calls, not graphs.")] = False,
+        rounds: Annotated[int, typer.Option(help="Alternating timing rounds.")] = 3,
+        threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    ) -> None:
+        """Time the original and the converted model side by side; print both ratios."""
+        from gator_hw.accounting import flop_counter_flops
+        from gator_hw.evaluate import compare_latency
+        from gator_hw.io import load, load_plan
+        from gator_hw.network import load_network
+        from gator_hw.profile.timing import make_spec
+
+        doc = load_plan(model_dir)
+        net = load_network(
+            doc["model"], input_size=doc["input_size"], num_classes=doc["num_classes"]
+        )
+        small = load(model_dir)
+        shape = net.input_shape
+        ratio = flop_counter_flops(small, shape) / flop_counter_flops(net.model, shape)
+        spec = make_spec(
+            doc["model"],
+            device=device,
+            batch=batch_size,
+            input_size=doc["input_size"],
+            dtype=dtype,
+            channels_last=channels_last,
+            eager=eager,
+            threads=threads,
+        )
+        result = compare_latency(net.model, small, spec, flops_ratio=ratio, rounds=rounds)
+        console.print(f"original  {sorted(result.original_ms)[rounds // 2]:.4g} ms")
+        console.print(f"converted {sorted(result.converted_ms)[rounds // 2]:.4g} ms")
+        console.print(str(result))
