@@ -28,24 +28,12 @@ for _module in (edges, costmodel, plot, convert):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; user errors print one line to stderr and exit with code 1."""
+    """Run the CLI; user errors print one line to stderr and exit with code 1.
+
+    Usage errors (unknown option, missing argument) are Click's: usage text, exit code 2.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv)
     except GatorError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Abort:
-        err_console.print("Aborted.")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("Interrupted.")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -82,3 +82,25 @@ def test_make_config_validate_plot_commands(tmp_path) -> None:
     made = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert made == sorted(f"{s}.{e}" for s in ("flops_vs_latency", "edge_shares", "parity",
                                                 "multipliers") for e in ("png", "svg"))
+
+
+def test_usage_error_exits_2_without_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gator_hw", "edges", "resnet18", "--bogus"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "No such option" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_edges_with_a_profile_adds_latency(tmp_path) -> None:
+    from tests.conftest import cached_network
+    from tests.synthetic import write_synthetic_table
+
+    table = write_synthetic_table(tmp_path / "r18.csv", cached_network("resnet18", 32),
+                                  fractions=(0.5,), random_nets=0)
+    r = runner.invoke(app, ["edges", "resnet18", "--input-size", "32", "--profile", str(table),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [e for e in json.loads(r.output)["edges"] if e["prunable"]]
+    assert all(e["latency_saving_pct"] > 0 for e in rows)

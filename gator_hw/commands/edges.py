@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,11 +17,30 @@ from gator_hw.network import Network, load_network
 __all__ = ["edges_report", "register"]
 
 
-def edges_report(net: Network) -> dict:
-    """The edge table of a network as plain data (what ``--json`` prints)."""
+def _latency_shares(net: Network, table: Path | None) -> dict[int, float]:
+    if table is None:
+        return {}
+    import numpy as np
+
+    from gator_hw.costmodel.dataset import load_samples
+    from gator_hw.costmodel.features import FeatureMap
+    from gator_hw.report import edge_shares
+
+    samples = load_samples([table], net.graph)
+    _, ls = edge_shares(samples, FeatureMap(net.graph, samples.batch, samples.dtype))
+    return {i: float(v) for i, v in enumerate(ls) if not np.isnan(v)}
+
+
+def edges_report(net: Network, table: Path | None = None) -> dict:
+    """The edge table of a network as plain data (what ``--json`` prints).
+
+    With a profile ``table``, each edge also gets ``latency_saving_pct``: the latency its
+    half-width probe saved, in % of the full network.
+    """
     g = net.graph
     total = network_cost(g)
     costs = {c.edge: c for c in edge_costs(g)}
+    latency = _latency_shares(net, table)
     rows = []
     for grp in g.groups:
         c = costs.get(grp.gid) if grp.prunable else None
@@ -37,6 +57,7 @@ def edges_report(net: Network) -> dict:
                 "params_per_channel": c.params_per_channel if c else None,
                 "bytes_per_channel": c.bytes_per_channel if c else None,
                 "flops_share": c.flops_share if c else None,
+                "latency_saving_pct": latency.get(grp.gid) if grp.prunable else None,
             }
         )
     return {
@@ -49,11 +70,6 @@ def edges_report(net: Network) -> dict:
         "gator_units": gator_units(g, total),
         "edges": rows,
     }
-
-
-def _members(members: list[str], limit: int = 3) -> str:
-    text = ", ".join(members[:limit])
-    return text + (f" (+{len(members) - limit})" if len(members) > limit else "")
 
 
 def register(app: typer.Typer) -> None:
@@ -75,10 +91,15 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[
             bool, typer.Option("--json", help="Print JSON instead of a table.")
         ] = False,
+        profile: Annotated[
+            Path | None,
+            typer.Option(exists=True, dir_okay=False,
+                         help="A profile table of this model: adds measured latency savings."),
+        ] = None,
     ) -> None:
         """Discover MODEL's hyperedges and print them with their cost shares."""
         net = load_network(model, input_size=input_size, num_classes=num_classes)
-        report = edges_report(net)
+        report = edges_report(net, profile)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
             return
@@ -86,23 +107,26 @@ def register(app: typer.Typer) -> None:
             title=f"{net} ({report['flops'] / 1e9:.3f} GFLOPs, "
             f"{report['params'] / 1e6:.2f} M params)"
         )
-        for col, just in (
-            ("#", "right"),
-            ("edge", "left"),
-            ("ch", "right"),
-            ("FLOPs %", "right"),
-            ("members", "left"),
-            ("prunable", "left"),
-        ):
+        cols = [("#", "right"), ("edge", "left"), ("ch", "right"), ("FLOPs %", "right")]
+        if profile is not None:
+            cols.append(("lat. saved % @half", "right"))
+        cols += [("sites", "right"), ("prunable", "left")]
+        for col, just in cols:
             table.add_column(col, justify=just)
         for row in report["edges"]:
             share = f"{100 * row['flops_share']:.2f}" if row["flops_share"] is not None else "-"
-            table.add_row(
+            lat = row["latency_saving_pct"]
+            cells = [
                 "-" if row["index"] is None else str(row["index"]),
                 row["name"] + (f" (g={row['groups']})" if row["groups"] > 1 else ""),
                 str(row["channels"]),
                 share,
-                _members(row["members"]),
+            ]
+            if profile is not None:
+                cells.append("-" if lat is None else f"{lat:.2f}")
+            cells += [
+                str(len(row["members"])),
                 "yes" if row["prunable"] else "no: " + "; ".join(row["why_not"])[:80],
-            )
+            ]
+            table.add_row(*cells)
         console.print(table)
