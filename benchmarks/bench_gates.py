@@ -1,0 +1,92 @@
+"""A gated training step against a plain one: ResNet-18, batch 32, 112x112, CPU.
+
+Both steps run forward, cross-entropy, backward and an SGD step on the same model; the gated
+one adds the gate sampling, the reader hooks, the cost loss, the mask update and the per-edge
+learning-rate refresh. Steps alternate (plain, gated, plain, ...) so that load changes on a
+shared machine hit both alike; the ratio of medians is printed. Goal: <= 1.15.
+
+    python benchmarks/bench_gates.py [--repeats 7] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gator_hw.config import GatingConfig
+from gator_hw.gates import GateSet
+from gator_hw.loss import CostCriterion, gate_param_groups, refresh_gate_groups
+from gator_hw.network import load_network
+
+GOAL = 1.15
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    a = ap.parse_args()
+    old_threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        run(a)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def run(a: argparse.Namespace) -> None:
+    net = load_network("resnet18", input_size=a.size, num_classes=1000)
+    model, graph = net.model.train(), net.graph
+    crit = CostCriterion(graph, GatingConfig())
+    gates = GateSet.from_graph(graph, 0.995)
+    widths = torch.tensor(gates.kept_channels(), dtype=torch.float64)
+    groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    groups += gate_param_groups(gates, crit.edge_weights(widths), gamma=0.2, weight_decay=1e-4)
+    opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(a.batch, 3, a.size, a.size)
+    y = torch.randint(0, 1000, (a.batch,))
+
+    def plain() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def gated() -> None:
+        opt.zero_grad(set_to_none=True)
+        (F.cross_entropy(model(x), y) + crit.loss(gates)).backward()
+        opt.step()
+        gates.update_masks()
+        kept = torch.tensor(gates.kept_channels(), dtype=torch.float64)
+        refresh_gate_groups(opt.param_groups, crit.edge_weights(kept), gamma=0.2, weight_decay=1e-4)
+
+    times: dict[str, list[float]] = {"plain": [], "gated": []}
+    for i in range(a.repeats + 1):
+        for name, fn in (("plain", plain), ("gated", gated)):
+            if name == "gated":
+                gates.attach(model, graph)
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if name == "gated":
+                gates.detach()
+            if i:  # the first round is warm-up
+                times[name].append(dt)
+    p, g = statistics.median(times["plain"]), statistics.median(times["gated"])
+    print(
+        f"resnet18 batch {a.batch} {a.size}x{a.size}, {torch.get_num_threads()} threads, "
+        f"{a.repeats} steps each, torch {torch.__version__}"
+    )
+    print(f"plain step median {p * 1e3:.1f} ms  (all: {[round(t * 1e3) for t in times['plain']]})")
+    print(f"gated step median {g * 1e3:.1f} ms  (all: {[round(t * 1e3) for t in times['gated']]})")
+    print(f"ratio gated/plain {g / p:.3f}  (goal <= {GOAL}): {'OK' if g / p <= GOAL else 'OVER'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Learned channel gates: one logit per channel of every hyperedge (GATOR, METHOD.md §2).
+
+In training, gate ``c`` of edge ``e`` is a hard straight-through logistic gate::
+
+    L ~ Logistic(0, 1)          (one draw per channel and forward, on the logits' device)
+    h = 1[theta + L > 0]        forward value (0 or 1), so P(open) = sigmoid(theta)
+    dh/dtheta := d sigmoid(theta + L) / dtheta     (straight-through backward)
+
+and ``mask`` (permanent, see :meth:`GateSet.update_masks`) multiplies it. In eval mode, or once
+the gates are frozen, a gate is open iff ``mask and sigmoid(theta) > 0.5`` (no noise).
+
+The gates act where channels are read (:func:`gator_hw.masking.scale_inputs`), which is the
+same as removing a closed channel everywhere at once. One vector per edge is drawn in a forward
+pre-hook of the root model, so every reader site of an edge sees the same sample within a
+forward (the original drew fresh noise at every site). With every gate open the vectors are
+ones and the model's outputs are unchanged.
+
+Example
+-------
+>>> gates = GateSet.from_graph(net.graph, init_prob=0.995)   # doctest: +SKIP
+>>> gates.attach(net.model, net.graph)                        # doctest: +SKIP
+>>> loss = ce(net.model(x), y)                                # doctest: +SKIP
+>>> gates.update_masks(); gates.kept_channels()               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gator_hw.errors import GatorError
+from gator_hw.graph.hypergraph import HyperGraph
+from gator_hw.masking import scale_inputs
+
+__all__ = ["GateSet", "hard_logistic_gate", "logistic_noise"]
+
+#: Smallest uniform draw turned into logistic noise (keeps log() finite in float32).
+_EPS = 1e-6
+
+
+def logistic_noise(
+    shape: tuple[int, ...],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Standard logistic noise ``log(u) - log(1 - u)``, drawn directly on ``device``."""
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    u = u.clamp_(_EPS, 1.0 - _EPS)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def hard_logistic_gate(theta: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Forward ``1[theta + noise > 0]``, backward the gradient of ``sigmoid(theta + noise)``."""
+    soft = torch.sigmoid(theta + noise)
+    hard = (theta + noise > 0).to(theta.dtype)
+    return hard + (soft - soft.detach())
+
+
+class GateSet(nn.Module):
+    """One gate logit per channel of each prunable edge, with permanent masks.
+
+    Parameters
+    ----------
+    channels : sequence of int
+        Channel count of each edge, in edge order.
+    init_prob : float
+        Initial open probability ``p0``; logits start at ``logit(p0)``.
+    names : sequence of str, optional
+        Edge names (for messages and logs); default ``edge0, edge1, ...``.
+
+    Attributes
+    ----------
+    logits : nn.ParameterList
+        ``logits[e]`` has shape ``(channels[e],)``.
+    last_gates : dict of int to Tensor
+        The vectors of the latest root forward (edge -> gate vector), for logs and tests.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        init_prob: float = 0.995,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < init_prob < 1.0:
+            raise GatorError(f"gate_init_prob must be in (0, 1), got {init_prob}; use e.g. 0.995")
+        self.channels = [int(c) for c in channels]
+        self.init_prob = float(init_prob)
+        self.names = (
+            list(names) if names is not None else [f"edge{i}" for i in range(len(channels))]
+        )
+        theta0 = math.log(init_prob / (1.0 - init_prob))
+        self.logits = nn.ParameterList(
+            [nn.Parameter(torch.full((c,), theta0)) for c in self.channels]
+        )
+        for i, c in enumerate(self.channels):
+            self.register_buffer(f"mask_{i}", torch.ones(c, dtype=torch.bool))
+        self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
+        self.last_gates: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @classmethod
+    def from_graph(cls, graph: HyperGraph, init_prob: float = 0.995) -> GateSet:
+        """Gates for every prunable edge of ``graph``."""
+        return cls([e.channels for e in graph.edges], init_prob, [e.name for e in graph.edges])
+
+    # ------------------------------------------------------------------ state
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    def mask(self, edge: int) -> torch.Tensor:
+        """The permanent boolean mask of ``edge`` (False: pruned for good)."""
+        return getattr(self, f"mask_{edge}")
+
+    @property
+    def masks(self) -> list[torch.Tensor]:
+        return [self.mask(i) for i in range(len(self))]
+
+    @property
+    def frozen(self) -> bool:
+        """True once gate training has stopped: gates are deterministic even in training."""
+        return bool(self.frozen_flag)
+
+    def freeze(self) -> None:
+        """Stop gate training: prune every closed gate, make gates deterministic, no grads."""
+        self.update_masks()
+        with torch.no_grad():
+            for i, theta in enumerate(self.logits):
+                self.mask(i).logical_and_(theta > 0)
+                theta.requires_grad_(False)
+        self.frozen_flag.fill_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.logits[0].device if len(self) else torch.device("cpu")
+
+    def open_prob(self) -> list[torch.Tensor]:
+        """``sigmoid(theta) * mask`` per edge: each gate's probability of being open."""
+        return [torch.sigmoid(t) * self.mask(i) for i, t in enumerate(self.logits)]
+
+    def expected_channels(self) -> torch.Tensor:
+        """Expected open channels per edge, shape ``(E,)``, differentiable in the logits."""
+        if not len(self):
+            return torch.zeros(0)
+        return torch.stack([p.sum() for p in self.open_prob()])
+
+    @torch.no_grad()
+    def deterministic(self) -> list[torch.Tensor]:
+        """Eval gates: open (1.0) iff mask and ``sigmoid(theta) > 0.5``."""
+        return [(self.mask(i) & (t > 0)).to(t.dtype) for i, t in enumerate(self.logits)]
+
+    def kept_channels(self) -> list[int]:
+        """Channels each edge keeps with deterministic gates."""
+        return [int(g.sum()) for g in self.deterministic()]
+
+    def kept_indices(self) -> dict[int, list[int]]:
+        """Edge -> indices of the channels kept with deterministic gates (a slimming plan)."""
+        return {i: torch.nonzero(g).flatten().tolist() for i, g in enumerate(self.deterministic())}
+
+    @torch.no_grad()
+    def update_masks(self) -> int:
+        """Prune for good every channel whose logit is negative; return how many were new."""
+        new = 0
+        for i, theta in enumerate(self.logits):
+            m = self.mask(i)
+            drop = m & (theta < 0)
+            new += int(drop.sum())
+            m.logical_and_(~drop)
+        return new
+
+    def mask_digest(self) -> torch.Tensor:
+        """A float64 checksum of the masks (equal masks give equal digests), for DDP checks."""
+        out = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(len(self)):
+            m = self.mask(i).to(torch.float64)
+            idx = torch.arange(1, m.numel() + 1, dtype=torch.float64, device=m.device)
+            out[0] += m.sum() * (i + 1)
+            out[1] += (m * idx).sum() * (i + 1)
+        return out
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, training: bool) -> dict[int, torch.Tensor]:
+        """One gate vector per edge: noisy hard gates if ``training`` and not frozen."""
+        if not len(self):
+            return {}
+        if not training or self.frozen:
+            vecs = self.deterministic()
+        else:
+            theta = torch.cat(list(self.logits))
+            noise = logistic_noise(theta.shape, device=theta.device, dtype=theta.dtype)
+            mask = torch.cat(self.masks).to(theta.dtype)
+            vecs = list(torch.split(hard_logistic_gate(theta, noise) * mask, self.channels))
+        return dict(enumerate(vecs))
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def check_graph(self, graph: HyperGraph) -> None:
+        """Raise GatorError unless ``graph``'s edges have exactly these channel counts."""
+        widths = [e.channels for e in graph.edges]
+        if widths != self.channels:
+            raise GatorError(
+                f"gates were made for {len(self.channels)} edges {self.channels[:6]}..., but "
+                f"{graph.model_name} has {len(widths)} edges {widths[:6]}...; build the gates "
+                "(or load a checkpoint) for this model"
+            )
+
+    def attach(self, model: nn.Module, graph: HyperGraph) -> GateSet:
+        """Insert the gates into ``model`` (hooks only; the model's weights are untouched).
+
+        A pre-hook on ``model`` draws one vector per edge at each forward of ``model``; every
+        layer reading an edge multiplies its input by that edge's vector. Returns ``self``.
+        """
+        self.check_graph(graph)
+        if self.attached:
+            raise GatorError("these gates are already attached; call detach() first")
+
+        def draw(mod: nn.Module, _args: tuple) -> None:
+            self.last_gates = self.sample(mod.training)
+
+        def current() -> dict[int, torch.Tensor]:
+            if not self.last_gates:  # a sub-module called on its own
+                self.last_gates = self.sample(False)
+            return self.last_gates
+
+        self._handles = [model.register_forward_pre_hook(draw)]
+        self._handles += scale_inputs(model, graph, current)
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook: the model is exactly as before :meth:`attach`."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.last_gates = {}
+
+    def __str__(self) -> str:
+        kept = self.kept_channels()
+        return (
+            f"GateSet({len(self)} edges, {sum(kept)}/{sum(self.channels)} channels kept, "
+            f"{'frozen' if self.frozen else 'training'}, "
+            f"{'attached' if self.attached else 'detached'})"
+        )

@@ -1,0 +1,696 @@
+"""Gated pruning training: SGD with momentum, the cost loss, a budget, checkpoints, DDP.
+
+One run lives in one folder::
+
+    run/log.csv            one row per epoch (accuracy, loss terms, lambda, predicted costs)
+    run/last.{json,safetensors}        resumable checkpoint (every epoch)
+    run/epoch_NNN.{json,safetensors}   every ``save_interval`` epochs
+    run/plan.json          edge -> kept channel indices (for gator_hw.slim), at the end
+
+Distributed: started by ``torchrun``, the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables
+select DistributedDataParallel (gloo on CPU, nccl on CUDA). Gate gradients are all-reduced like
+any other; the masks are compared across ranks every epoch; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from gator_hw.atomic import write_json, write_text
+from gator_hw.config import GatingConfig, read_config
+from gator_hw.errors import GatorError
+from gator_hw.gates import GateSet
+from gator_hw.loss import (
+    BudgetController,
+    BudgetTarget,
+    CostCriterion,
+    gate_param_groups,
+    refresh_gate_groups,
+)
+from gator_hw.network import Network, load_network
+from gator_hw.train.checkpoint import (
+    Checkpoint,
+    check_signature,
+    load_checkpoint,
+    model_signature,
+    save_checkpoint,
+)
+from gator_hw.train.data import Datasets, load_data
+
+__all__ = [
+    "SCHEDULES",
+    "EpochRow",
+    "GatedNet",
+    "TrainSettings",
+    "accumulate_gradients",
+    "learning_rate",
+    "train",
+]
+
+#: Learning-rate schedules.
+SCHEDULES: tuple[str, ...] = ("cosine", "step")
+
+#: Files whose presence marks a folder as holding a run (never overwritten without --resume).
+_RUN_FILES = ("log.csv", "last.json")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything ``gator-hw prune`` needs; each field is one CLI option."""
+
+    model: str
+    config: Path
+    data: str = "digits"
+    out: Path | None = None
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    subdivision: int = 1
+    amp: bool = False
+    schedule: str = "cosine"
+    lr_step: int = 30
+    resume: Path | None = None
+    save_interval: int = 0
+    target: str | None = None
+    hold_epochs: float = 1.0
+    gate_epochs: int | None = None
+    weights: Path | None = None
+    input_size: int | None = None
+    num_classes: int | None = None
+    workers: int = 0
+    seed: int = 0
+    device: str | None = None
+
+    def check(self) -> None:
+        """GatorError for values no run can use."""
+        for name in ("epochs", "batch_size", "subdivision", "lr_step"):
+            if getattr(self, name) < 1:
+                raise GatorError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0:
+            raise GatorError(f"--lr must be > 0, got {self.lr}")
+        if self.subdivision > self.batch_size:
+            raise GatorError(
+                f"--subdivision {self.subdivision} is larger than --batch-size "
+                f"{self.batch_size}; each micro-batch needs at least one image"
+            )
+        if self.schedule not in SCHEDULES:
+            raise GatorError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.save_interval < 0 or self.workers < 0:
+            raise GatorError("--save-interval and --workers must be >= 0")
+
+
+@dataclass
+class EpochRow:
+    """What one epoch logs (a CSV row)."""
+
+    epoch: int
+    lr: float
+    lam: float
+    ce: float
+    cost: float
+    train_acc: float
+    val_acc: float
+    kept: list[int]
+    fractions: dict[str, float]
+    target: str
+    budget_met: bool
+    gates: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def csv_row(self) -> dict[str, Any]:
+        row = {k: v for k, v in asdict(self).items() if k not in ("kept", "fractions", "notes")}
+        row.update({f"pred_{k}": round(v, 6) for k, v in self.fractions.items()})
+        row["kept"] = " ".join(map(str, self.kept))
+        return row
+
+    def __str__(self) -> str:
+        frac = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.fractions.items())
+        return (
+            f"epoch {self.epoch}: val acc {100 * self.val_acc:.2f}% "
+            f"(train {100 * self.train_acc:.2f}%), "
+            f"ce {self.ce:.4f}, cost {self.cost:.4f}, lambda {self.lam:.3g}, lr {self.lr:.3g}; "
+            f"predicted {frac}; target {self.target}{' (met)' if self.budget_met else ''}; "
+            f"gates {self.gates}; kept {sum(self.kept)} ch; {self.seconds:.1f}s"
+        )
+
+
+class GatedNet(nn.Module):
+    """A model and its gates as one module (what DDP wraps); calls the model."""
+
+    def __init__(self, net: nn.Module, gates: GateSet) -> None:
+        super().__init__()
+        self.net, self.gates = net, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ---------------------------------------------------------------------- small pure pieces
+def learning_rate(s: TrainSettings, step: int, steps_per_epoch: int) -> float:
+    """Base learning rate at optimizer step ``step`` (cosine over all steps, or x0.1 steps)."""
+    if s.schedule == "cosine":
+        total = max(1, s.epochs * steps_per_epoch)
+        return 0.5 * s.lr * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return s.lr * 0.1 ** ((step // steps_per_epoch) // s.lr_step)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    *,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[float, int]:
+    """Forward/backward ``x`` in ``k`` micro-batches; gradients equal one batch's.
+
+    Each micro-batch's mean cross-entropy (and ``extra_loss()``, a batch-independent term) is
+    scaled by its share ``n_i / n`` of the batch, so the sum over micro-batches is exactly the
+    full batch's loss for any ``k``, including uneven splits. Returns the batch's mean
+    cross-entropy and its number of correct predictions.
+    """
+    backward = backward or (lambda loss: loss.backward())
+    n, ce_sum, correct = len(y), 0.0, 0
+    chunks = list(zip(torch.tensor_split(x, k), torch.tensor_split(y, k), strict=True))
+    for i, (xi, yi) in enumerate(chunks):
+        share = len(yi) / n
+        sync = no_sync() if (no_sync is not None and i < len(chunks) - 1) else None
+        with sync or contextlib.nullcontext():
+            with autocast():
+                out = model(xi)
+                ce = F.cross_entropy(out.float(), yi)
+            loss = ce * share
+            if extra_loss is not None:
+                loss = loss + extra_loss() * share
+            backward(loss)
+        ce_sum += float(ce.detach()) * len(yi)
+        correct += int((out.detach().argmax(1) == yi).sum())
+    return ce_sum / n, correct
+
+
+# ---------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_dist(device_hint: str | None) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_hint != "cpu"
+    device = torch.device(device_hint or ("cuda" if cuda else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank, world, local), device
+
+
+def _check_masks(gates: GateSet, d: _Dist) -> None:
+    if not d.enabled:
+        return
+    digest = gates.mask_digest()
+    lo, hi = digest.clone(), digest.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"gate masks differ across ranks (rank {d.rank}): {lo} vs {hi}")
+
+
+def _reduce_sum(values: list[float], d: _Dist, device: torch.device) -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------- the run
+@dataclass
+class _Run:
+    settings: TrainSettings
+    net: Network
+    data: Datasets
+    config: GatingConfig
+    criterion: CostCriterion
+    target: BudgetTarget | None
+    out: Path
+    checkpoint: Checkpoint | None
+    dist: _Dist
+    device: torch.device
+
+
+def _prepare(s: TrainSettings) -> _Run:
+    """Validate every input before anything is written (GatorError on the first problem)."""
+    s.check()
+    d, device = _init_dist(s.device)
+    config = read_config(s.config)
+    target = BudgetTarget.parse(s.target) if s.target else None
+    ckpt = load_checkpoint(s.resume) if s.resume else None
+    out = Path(s.out) if s.out else (ckpt.path.parent if ckpt else None)
+    if out is None:
+        raise GatorError("pass --out DIR for the run folder (or --resume a checkpoint)")
+    if ckpt is None and any((out / f).exists() for f in _RUN_FILES):
+        raise GatorError(
+            f"{out} already holds a run; pass --resume {out} to continue it or a new --out"
+        )
+    size = s.input_size
+    if size is None:
+        from gator_hw.models import default_input_size
+
+        size = default_input_size(s.model)
+    data = load_data(s.data, size, seed=s.seed)
+    if s.num_classes is not None and s.num_classes != data.num_classes:
+        raise GatorError(
+            f"--num-classes {s.num_classes} but {data.spec} has {data.num_classes} classes; "
+            "drop --num-classes or use matching data"
+        )
+    net = load_network(
+        s.model, input_size=size, num_classes=data.num_classes, weights=s.weights, seed=s.seed
+    )
+    if net.num_classes != data.num_classes:
+        raise GatorError(
+            f"{s.model} has {net.num_classes} outputs but {data.spec} has {data.num_classes} "
+            "classes; build it with matching --num-classes"
+        )
+    criterion = CostCriterion(net.graph, config)
+    if target is not None:
+        criterion.check_target(target)
+    if ckpt is not None:
+        check_signature(ckpt.meta, net.graph, str(ckpt.path))
+    return _Run(s, net, data, config, criterion, target, out, ckpt, d, device)
+
+
+def _loaders(run: _Run) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
+    s, d = run.settings, run.dist
+    per_rank = max(1, s.batch_size // d.world)
+    sampler = (
+        DistributedSampler(run.data.train, d.world, d.rank, seed=s.seed) if d.enabled else None
+    )
+    vsampler = (
+        DistributedSampler(run.data.val, d.world, d.rank, shuffle=False) if d.enabled else None
+    )
+    g = torch.Generator().manual_seed(s.seed)
+    pin = run.device.type == "cuda"
+    kw = {"num_workers": s.workers, "pin_memory": pin, "persistent_workers": s.workers > 0}
+    train = DataLoader(
+        run.data.train,
+        per_rank,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        generator=g,
+        **kw,
+    )
+    if len(train) == 0:
+        raise GatorError(
+            f"--batch-size {s.batch_size} is larger than the {len(run.data.train)} training "
+            "images; use a smaller batch"
+        )
+    val = DataLoader(run.data.val, per_rank, shuffle=False, sampler=vsampler, **kw)
+    return train, val, sampler
+
+
+class _Trainer:
+    """Holds the live objects of one run; every method is one phase of an epoch."""
+
+    def __init__(self, run: _Run, log: Callable[[str], None]) -> None:
+        self.run, self.s, self.log = run, run.settings, log
+        self.device = run.device
+        self.model = run.net.model.to(self.device)
+        self.gates = GateSet.from_graph(run.net.graph, run.config.gate_init_prob).to(self.device)
+        self.gates.attach(self.model, run.net.graph)
+        self.module = GatedNet(self.model, self.gates)
+        self.criterion = run.criterion.to(self.device)
+        self.train_loader, self.val_loader, self.sampler = _loaders(run)
+        self.steps_per_epoch = len(self.train_loader)
+        hold = max(1, round(self.s.hold_epochs * self.steps_per_epoch))
+        self.controller = (
+            BudgetController(run.target, run.config.criteria_weight, hold_steps=hold)
+            if run.target
+            else None
+        )
+        self.lam = run.config.criteria_weight
+        self.optimizer = self._optimizer()
+        self.amp = self.s.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.epoch, self.step = 0, 0
+        if run.checkpoint is not None:
+            self._restore(run.checkpoint)
+        self.ddp = self._wrap()
+
+    # -- setup
+    def _weights(self) -> torch.Tensor:
+        kept = torch.tensor(self.gates.kept_channels(), dtype=torch.float64)
+        return self.criterion.edge_weights(kept)
+
+    def _optimizer(self) -> torch.optim.SGD:
+        s = self.s
+        groups = [
+            {"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0}
+        ]
+        groups += gate_param_groups(
+            self.gates,
+            self._weights(),
+            gamma=self.run.config.gradient_multiplier,
+            weight_decay=s.weight_decay,
+        )
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+    def _wrap(self) -> nn.Module:
+        if not self.run.dist.enabled:
+            return self.module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+
+    @property
+    def gates_training(self) -> bool:
+        return not self.gates.frozen
+
+    # -- checkpoints
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        t.update({f"gates.{k}": v for k, v in self.gates.state_dict().items()})
+        for idx, st in self.optimizer.state_dict()["state"].items():
+            t.update({f"optim.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
+        t["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            t["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        return t
+
+    def _meta(self) -> dict[str, Any]:
+        groups = [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in self.optimizer.state_dict()["param_groups"]
+        ]
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lam": self.lam,
+            "controller": self.controller.state_dict() if self.controller else None,
+            "scaler": self.scaler.state_dict() if self.amp else None,
+            "signature": model_signature(self.run.net.graph),
+            "settings": {
+                k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.s).items()
+            },
+            "config": self.run.config.to_dict(),
+            "optimizer_groups": groups,
+            "torch": torch.__version__,
+        }
+
+    def save(self, name: str) -> None:
+        if self.run.dist.main:
+            save_checkpoint(self.run.out / name, self._tensors(), self._meta())
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        try:
+            self.model.load_state_dict(ckpt.prefixed("model"))
+            self.gates.load_state_dict(ckpt.prefixed("gates"))
+        except RuntimeError as exc:
+            raise GatorError(f"checkpoint {ckpt.path} does not fit: {str(exc)[:200]}") from None
+        self.gates.to(self.device)
+        if self.gates.frozen:
+            self.gates.freeze()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in ckpt.prefixed("optim").items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = v.to(self.device)
+        groups = self.optimizer.state_dict()["param_groups"]
+        saved = ckpt.meta["optimizer_groups"]
+        for g, sg in zip(groups, saved, strict=True):
+            g.update({k: v for k, v in sg.items() if k != "params"})
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        m = ckpt.meta
+        self.epoch, self.step, self.lam = int(m["epoch"]), int(m["step"]), float(m["lam"])
+        if self.controller is not None and m.get("controller"):
+            self.controller.load_state_dict(m["controller"])
+        if self.amp and m.get("scaler"):
+            self.scaler.load_state_dict(m["scaler"])
+        torch.set_rng_state(ckpt.tensors["rng.cpu"])
+        if self.device.type == "cuda" and "rng.cuda" in ckpt.tensors:
+            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], self.device)
+
+    # -- one epoch
+    def _set_lr(self) -> float:
+        base = learning_rate(self.s, self.step, self.steps_per_epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = base * g["lr_scale"]
+        return base
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        for x, y in self.train_loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def _limit_overshoot(self) -> None:
+        """Never let a step take the kept network below the budget by more than needed.
+
+        Logits can fall together (the cost step is the same for every edge), so one step may
+        close far more than needed, and after the budget is met the gates still move under the
+        task loss. Whenever a step ends within budget, the channels that crossed zero in it
+        (mask open, logit < 0) are re-opened, least negative first, while the kept network
+        stays within budget; their logits are set to +0.01 and the gates' momentum is cleared.
+        """
+        c, g = self.controller, self.gates
+        if c is None:
+            return
+        metric, tau = c.target.metric, c.target.fraction
+        kept = torch.tensor(g.kept_channels(), dtype=torch.float64)
+        if self.criterion.fraction(metric, kept) > tau:
+            return
+        cands = sorted(
+            ((float(t[i]), e, int(i)) for e, t in enumerate(g.logits)
+             for i in torch.nonzero(g.mask(e) & (t < 0)).flatten()),
+            reverse=True,
+        )  # fmt: skip
+        for _theta, e, i in cands:
+            kept[e] += 1
+            if self.criterion.fraction(metric, kept) > tau:
+                break
+            g.logits[e][i] = 0.01
+        for theta in g.logits:
+            self.optimizer.state.get(theta, {}).pop("momentum_buffer", None)
+
+    def _after_step(self) -> None:
+        if not self.gates_training:
+            return
+        self._limit_overshoot()
+        self.gates.update_masks()
+        kept = torch.tensor(self.gates.kept_channels(), dtype=torch.float64)
+        if self.controller is not None:
+            metric = self.controller.target.metric
+            with torch.no_grad():
+                expected = self.criterion.fraction(metric, self.gates.expected_channels())
+            self.lam = self.controller.update(expected, self.criterion.fraction(metric, kept))
+        refresh_gate_groups(
+            self.optimizer.param_groups,
+            self.criterion.edge_weights(kept),
+            gamma=self.run.config.gradient_multiplier,
+            weight_decay=self.s.weight_decay,
+        )
+        if self._should_freeze():
+            self.gates.freeze()
+            self.ddp = self._wrap()  # DDP must forget the logits, which no longer get grads
+            self.log(f"epoch {self.epoch + 1} step {self.step}: gates frozen, fine-tuning weights")
+
+    def _should_freeze(self) -> bool:
+        if self.controller is not None:
+            return self.controller.done
+        ge = self.s.gate_epochs
+        return ge is not None and self.step >= ge * self.steps_per_epoch
+
+    def _cost_term(self) -> Callable[[], torch.Tensor]:
+        lam = self.lam
+        return lambda: self.criterion.loss(self.gates, lam)
+
+    def train_epoch(self) -> tuple[float, float, float, float]:
+        self.ddp.train()
+        totals = [0.0, 0.0, 0.0, 0.0]  # ce * n, correct, n, cost
+        base = self.s.lr
+        no_sync = getattr(self.ddp, "no_sync", None)
+        for x, y in self._batches():
+            base = self._set_lr()
+            self.optimizer.zero_grad(set_to_none=True)
+            extra = self._cost_term() if self.gates_training else None
+            ce, correct = accumulate_gradients(
+                self.ddp,
+                x,
+                y,
+                self.s.subdivision,
+                extra_loss=extra,
+                backward=lambda loss: self.scaler.scale(loss).backward(),
+                no_sync=no_sync,
+                autocast=self._autocast,
+            )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            self._after_step()
+            with torch.no_grad():
+                cost = float(self.criterion.cost(self.gates.expected_channels()))
+            totals = [totals[0] + ce * len(y), totals[1] + correct, totals[2] + len(y), cost]
+        ce_sum, correct, n = _reduce_sum(totals[:3], self.run.dist, self.device)
+        return ce_sum / max(n, 1), correct / max(n, 1), totals[3], base
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.ddp.eval()
+        correct, n = 0.0, 0.0
+        for x, y in self.val_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                out = self.ddp(x)
+            correct += float((out.argmax(1) == y).sum())
+            n += len(y)
+        correct, n = _reduce_sum([correct, n], self.run.dist, self.device)
+        return correct / max(n, 1.0)
+
+    def row(self, ce: float, acc: float, cost: float, lr: float, val: float, t0: float) -> EpochRow:
+        kept = self.gates.kept_channels()
+        fr = self.criterion.fractions(torch.tensor(kept, dtype=torch.float64))
+        tgt = self.run.target
+        met = tgt is not None and fr.get(tgt.metric, 1.0) <= tgt.fraction
+        gates = "frozen" if self.gates.frozen else "training"
+        return EpochRow(
+            self.epoch,
+            lr,
+            self.lam if self.gates_training else 0.0,
+            ce,
+            cost,
+            acc,
+            val,
+            kept,
+            fr,
+            f"{tgt.metric}<={tgt.fraction:g}" if tgt else "none",
+            met,
+            gates,
+            time.perf_counter() - t0,
+        )
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    """Append a row to the CSV log atomically (rewrites the small file in one step)."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(row))
+    if not old:
+        w.writeheader()
+    w.writerow(row)
+    write_text(path, old + buf.getvalue())
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the run is and how it ended."""
+
+    out: Path
+    rows: list[EpochRow]
+    kept: list[int]
+    fractions: dict[str, float]
+    budget_met: bool | None
+    plan: dict[int, list[int]]
+
+
+def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainResult:
+    """Run (or resume) gated pruning training; see the module docstring for the files.
+
+    Raises
+    ------
+    GatorError
+        For any invalid input, before anything is written.
+    """
+    run = _prepare(settings)
+    torch.manual_seed(settings.seed + run.dist.rank)  # gate noise differs per rank
+    tr = _Trainer(run, log if run.dist.main else (lambda _m: None))
+    if run.dist.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if run.checkpoint is None:
+            write_json(run.out / "settings.json", _meta_settings(settings, run))
+    if settings.amp and not tr.amp:
+        tr.log("--amp needs CUDA; training in float32")
+    tr.log(f"{run.net} | {run.data} | {run.criterion} | budget {run.target or 'none'}")
+    rows = []
+    while tr.epoch < settings.epochs:
+        t0 = time.perf_counter()
+        ce, acc, cost, lr = tr.train_epoch()
+        val = tr.evaluate()
+        _check_masks(tr.gates, run.dist)
+        tr.epoch += 1
+        row = tr.row(ce, acc, cost, lr, val, t0)
+        rows.append(row)
+        tr.log(str(row))
+        if run.dist.main:
+            _append_csv(run.out / "log.csv", row.csv_row())
+        tr.save("last")
+        if settings.save_interval and tr.epoch % settings.save_interval == 0:
+            tr.save(f"epoch_{tr.epoch:03d}")
+        if run.dist.enabled:
+            dist.barrier()
+    kept = tr.gates.kept_channels()
+    fr = run.criterion.fractions(torch.tensor(kept, dtype=torch.float64))
+    met = None if run.target is None else fr[run.target.metric] <= run.target.fraction
+    if run.dist.main:
+        write_json(run.out / "plan.json", _plan(tr, fr, met))
+    return TrainResult(run.out, rows, kept, fr, met, tr.gates.kept_indices())
+
+
+def _meta_settings(s: TrainSettings, run: _Run) -> dict[str, Any]:
+    return {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+        "signature": model_signature(run.net.graph),
+        "config": run.config.to_dict(),
+        "world_size": run.dist.world,
+        "torch": torch.__version__,
+    }
+
+
+def _plan(tr: _Trainer, fr: dict[str, float], met: bool | None) -> dict[str, Any]:
+    g = tr.run.net.graph
+    return {
+        "model": g.model_name,
+        "input_shape": list(g.input_shape),
+        "kept": {
+            e.name: idx for e, idx in zip(g.edges, tr.gates.kept_indices().values(), strict=True)
+        },
+        "kept_channels": tr.gates.kept_channels(),
+        "fractions": fr,
+        "budget_met": met,
+    }

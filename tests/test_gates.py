@@ -1,0 +1,157 @@
+"""Gates: statistics, straight-through gradient, determinism, shared samples, permanence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import cached_network, randomize_norms
+
+from gator_hw.errors import GatorError
+from gator_hw.gates import GateSet, hard_logistic_gate, logistic_noise
+from gator_hw.graph.hypergraph import READ_ROLES
+from gator_hw.network import load_network
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: one intra-op thread avoids OpenMP spin-wait stalls."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_open_probability_is_sigmoid_of_logit():
+    torch.manual_seed(0)
+    theta = torch.linspace(-3, 3, 13)
+    gates = GateSet([13], init_prob=0.5)
+    with torch.no_grad():
+        gates.logits[0].copy_(theta)
+    draws = 4000
+    freq = torch.stack([gates.sample(True)[0] for _ in range(draws)]).detach().mean(0)
+    p = torch.sigmoid(theta)
+    tol = 4.5 * torch.sqrt(p * (1 - p) / draws) + 1e-3
+    assert torch.all((freq - p).abs() <= tol), (freq, p)
+
+
+def test_logistic_noise_has_unit_logistic_moments():
+    torch.manual_seed(1)
+    x = logistic_noise((200_000,), device=torch.device("cpu"), dtype=torch.float32)
+    assert abs(float(x.mean())) < 0.03
+    assert float(x.var()) == pytest.approx(math.pi**2 / 3, rel=0.03)
+
+
+def test_straight_through_gradient():
+    theta = torch.tensor([-1.0, 0.2, 2.0], requires_grad=True)
+    noise = torch.tensor([0.5, -0.9, 0.1])
+    g = hard_logistic_gate(theta, noise)
+    assert g.tolist() == [0.0, 0.0, 1.0]  # forward is hard
+    (g * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    s = torch.sigmoid(theta.detach() + noise)
+    assert torch.allclose(theta.grad, torch.tensor([1.0, 2.0, 3.0]) * s * (1 - s))
+
+
+def test_eval_is_deterministic_and_thresholded():
+    gates = GateSet([4], init_prob=0.9)
+    with torch.no_grad():
+        gates.logits[0].copy_(torch.tensor([1.0, -0.5, 0.3, 2.0]))
+    gates.mask(0)[3] = False
+    a, b = gates.sample(False)[0], gates.sample(False)[0]
+    assert a.tolist() == b.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert gates.kept_channels() == [2] and gates.kept_indices() == {0: [0, 2]}
+
+
+def test_masks_are_permanent():
+    torch.manual_seed(0)
+    gates = GateSet([5, 3], init_prob=0.99)
+    with torch.no_grad():
+        gates.logits[0][1] = -0.1
+        gates.logits[1][2] = -4.0
+    assert gates.update_masks() == 2
+    assert gates.update_masks() == 0
+    with torch.no_grad():  # logits come back up: the channels stay pruned
+        for t in gates.logits:
+            t.fill_(20.0)
+    assert gates.kept_channels() == [4, 2]
+    for _ in range(20):
+        s = gates.sample(True)
+        assert float(s[0][1].detach()) == 0.0 and float(s[1][2].detach()) == 0.0
+    gates.freeze()
+    assert gates.frozen and not gates.logits[0].requires_grad
+    assert "frozen" in str(gates)
+
+
+def test_mask_digest_tells_masks_apart():
+    a, b = GateSet([4, 4]), GateSet([4, 4])
+    assert torch.equal(a.mask_digest(), b.mask_digest())
+    b.mask(1)[2] = False
+    assert not torch.equal(a.mask_digest(), b.mask_digest())
+
+
+def test_all_open_gates_leave_outputs_unchanged_and_detach_restores():
+    net = load_network("resnet20", num_classes=10)
+    model = randomize_norms(net.model)
+    for m in model.modules():  # train-mode forwards must not move the running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref_eval = model.eval()(x)
+        ref_train = model.train()(x)
+        gates = GateSet.from_graph(net.graph, 0.995).attach(model, net.graph)
+        assert torch.equal(model.eval()(x), ref_eval)
+        for t in gates.logits:
+            t.fill_(50.0)  # noise can never close a gate
+        assert torch.equal(model.train()(x), ref_train)
+        gates.mask(3)[:] = False
+        assert not torch.equal(model.eval()(x), ref_eval)
+        gates.detach()
+        assert not gates.attached
+        assert torch.equal(model.eval()(x), ref_eval)
+    with pytest.raises(GatorError):
+        GateSet([1, 2]).attach(model, net.graph)
+
+
+def test_one_noise_sample_reaches_every_site_of_an_edge():
+    net = load_network("resnet20", num_classes=10)
+    model, graph = net.model.train(), net.graph
+    highway = max(graph.edges, key=lambda e: sum(s.role in READ_ROLES for s in e.sites))
+    readers = [s.module for s in highway.sites if s.role in READ_ROLES]
+    assert len(readers) >= 3
+    mods = dict(model.named_modules())
+    before, after = {}, {}
+    for name in readers:  # registered before the gates' hook: sees the raw input
+        mods[name].register_forward_pre_hook(lambda m, a, n=name: before.__setitem__(n, a[0]))
+    gates = GateSet.from_graph(graph, 0.5).attach(model, graph)
+    for name in readers:  # after: sees the gated input
+        mods[name].register_forward_pre_hook(lambda m, a, n=name: after.__setitem__(n, a[0]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32))
+    expect = gates.last_gates[highway.gid]
+    assert 0 < float(expect.sum()) < highway.channels  # a real random sample
+    for name in readers:
+        raw = before[name].abs().sum((0, 2, 3))
+        seen = after[name].abs().sum((0, 2, 3)) / raw.clamp_min(1e-12)
+        live = raw > 0
+        assert torch.allclose(seen[live], expect[live], atol=1e-6), name
+
+
+def test_gates_check_graph_and_str():
+    net = cached_network("resnet56")
+    gates = GateSet.from_graph(net.graph)
+    assert len(gates) == net.graph.n_edges and gates.names[0] == net.graph.edges[0].name
+    assert "detached" in str(gates)
+    with pytest.raises(GatorError, match="edges"):
+        GateSet([3]).check_graph(net.graph)
+    with pytest.raises(GatorError):
+        GateSet([3], init_prob=1.0)
+
+
+def test_noise_on_the_logits_device():
+    gates = GateSet([3]).to(torch.float64)
+    sample = gates.sample(True)[0]
+    assert sample.device == gates.device and sample.dtype == torch.float64
+    assert GateSet([]).sample(True) == {}

@@ -1,0 +1,214 @@
+"""Training: exact accumulation, data specs, checkpoints, the prune CLI, a 2-process DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import typer
+from torch import nn
+from typer.testing import CliRunner
+
+from gator_hw.commands import prune
+from gator_hw.config import GatingConfig, write_config
+from gator_hw.errors import GatorError
+from gator_hw.gates import GateSet
+from gator_hw.graph import build_hypergraph
+from gator_hw.loss import CostCriterion
+from gator_hw.train import (
+    DataSpec,
+    TrainSettings,
+    accumulate_gradients,
+    load_checkpoint,
+    load_data,
+    save_checkpoint,
+    train,
+)
+from gator_hw.train.loop import GatedNet, learning_rate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: one intra-op thread avoids OpenMP spin-wait stalls."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class NoNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_accumulation_equals_one_batch(k):
+    torch.manual_seed(0)
+    model = NoNorm()
+    graph = build_hypergraph(model, (1, 3, 8, 8), "nonorm")
+    gates = GateSet.from_graph(graph, 0.9)
+    with torch.no_grad():
+        gates.logits[0][:3] = -1.0
+    gates.update_masks()
+    gates.attach(model, graph)
+    crit = CostCriterion(graph, GatingConfig())
+    gated = GatedNet(model, gates).eval()  # deterministic gates: noise-free comparison
+    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
+
+    def grads(kk):
+        gated.zero_grad()
+        ce, correct = accumulate_gradients(gated, x, y, kk, extra_loss=lambda: crit.loss(gates))
+        return ce, correct, [p.grad.clone() for p in gated.parameters()]
+
+    ce1, c1, g1 = grads(1)
+    cek, ck, gk = grads(k)
+    assert cek == pytest.approx(ce1, rel=1e-6) and ck == c1
+    for a, b in zip(g1, gk, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_learning_rate_schedules():
+    s = TrainSettings("resnet20", config="x", epochs=4, lr=0.1)
+    assert learning_rate(s, 0, 10) == pytest.approx(0.1)
+    assert learning_rate(s, 40, 10) == pytest.approx(0.0)
+    st = TrainSettings("resnet20", config="x", epochs=4, lr=0.1, schedule="step", lr_step=2)
+    assert [learning_rate(st, i * 10, 10) for i in range(4)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01]
+    )
+
+
+def test_data_specs(tmp_path):
+    assert DataSpec.parse("cifar10:/x").path is not None and str(DataSpec.parse("fake")) == "fake"
+    for bad in ("mnist", "imagefolder", "digits:/x"):
+        with pytest.raises(GatorError):
+            DataSpec.parse(bad)
+    d = load_data("digits", 16)
+    x, y = d.train[0]
+    assert x.shape == (3, 16, 16) and 0 <= y < 10 and d.num_classes == 10
+    assert len(d.train) + len(d.val) == 1797 and "1437 train" in str(d)
+    with pytest.raises(GatorError, match="does not exist"):
+        load_data(f"imagefolder:{tmp_path / 'nope'}", 32)
+    with pytest.raises(GatorError, match="train"):
+        load_data(f"imagefolder:{tmp_path}", 32)
+    with pytest.raises(GatorError, match="CIFAR-10"):
+        load_data(f"cifar10:{tmp_path}", 32)
+
+
+def test_imagefolder_loads(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (20, 20), (10, 200, 30)).save(tmp_path / split / cls / "0.png")
+    d = load_data(f"imagefolder:{tmp_path}", 16)
+    assert d.num_classes == 2 and d.val[0][0].shape == (3, 16, 16)
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    t = {"a": torch.arange(3.0), "flag": torch.tensor(True)}
+    path = save_checkpoint(tmp_path / "ck", t, {"epoch": 2})
+    ck = load_checkpoint(path)
+    assert torch.equal(ck.tensors["a"], t["a"]) and ck.meta["epoch"] == 2 and "epoch 2" in str(ck)
+    save_checkpoint(tmp_path / "other", {"a": torch.zeros(3)}, {"epoch": 1})
+    (tmp_path / "other.safetensors").replace(tmp_path / "ck.safetensors")
+    with pytest.raises(GatorError, match="does not match"):
+        load_checkpoint(tmp_path / "ck.json")
+    with pytest.raises(GatorError, match="not found"):
+        load_checkpoint(tmp_path / "missing.json")
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    prune.register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps `prune` a named subcommand
+        """Nothing."""
+
+    return app
+
+
+def test_prune_cli_end_to_end_and_resume(tmp_path):
+    cfg = write_config(GatingConfig(criteria_weight=1.0, gate_init_prob=0.8), tmp_path / "c.json")
+    out = tmp_path / "run"
+    runner = CliRunner()
+    common = ["prune", "resnet20", "--config", str(cfg), "--data", "digits", "--input-size", "16"]
+    res = runner.invoke(_app(), [*common, "--out", str(out), "--epochs", "1", "--batch-size",
+                                 "128", "--subdivision", "3", "--target", "flops=0.9"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "epoch 1: val acc" in res.output and "flops" in res.output
+    assert {"log.csv", "last.json", "last.safetensors", "plan.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["kept_channels"]) == 12
+    # continue the same run for one more epoch
+    res = runner.invoke(_app(), [*common, "--resume", str(out), "--epochs", "2",
+                                 "--batch-size", "128"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "epoch 2:" in res.output and "epoch 1:" not in res.output
+    lines = (out / "log.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("2,")
+    before = (out / "last.json").read_bytes()
+    # user errors: one GatorError, nothing overwritten
+    bad_cfg = write_config(GatingConfig(edge_multipliers=[1.0] * 5), tmp_path / "bad.json")
+    for args in (
+        [*common, "--out", str(out)],  # a run is already there
+        ["prune", "resnet20", "--config", str(bad_cfg), "--out", str(tmp_path / "b")],
+        ["prune", "resnet32", "--config", str(cfg), "--resume", str(out), "--input-size", "16"],
+        [*common, "--out", str(tmp_path / "c"), "--target", "latency=0.5"],
+        [*common, "--out", str(tmp_path / "d"), "--data", "cifar10:/nonexistent"],
+    ):
+        res = runner.invoke(_app(), args)
+        assert isinstance(res.exception, GatorError), (args, res.output)
+    assert (out / "last.json").read_bytes() == before
+    assert not any((tmp_path / n).exists() for n in "bcd")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: str, out: str, result_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    s = TrainSettings("resnet20", config=cfg, data="fake", out=out, epochs=1, batch_size=32,
+                      lr=0.5, input_size=16, device="cpu")  # fmt: skip
+    res = train(s, log=lambda m: None)
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({str(k): v for k, v in res.plan.items()}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_run_keeps_masks_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    # a strong cost and gates that start near 0 prune within a few steps
+    cfg = write_config(
+        GatingConfig(criteria_weight=2.0, gate_init_prob=0.6, gradient_multiplier=1.0),
+        tmp_path / "c.json",
+    )
+    args = (2, _free_port(), str(cfg), str(tmp_path / "run"), str(tmp_path))
+    mp.spawn(_ddp_worker, args=args, nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1
+    kept = sum(len(v) for v in r0.values())
+    assert 0 < kept < 448  # something was pruned, identically on both ranks
+    assert (tmp_path / "run" / "last.json").exists()
