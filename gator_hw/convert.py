@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from gator_hw.errors import GatorError
 from gator_hw.graph import HyperGraph, trace
-from gator_hw.graph.hypergraph import READ_ROLES
+from gator_hw.graph.cuts import constant_nodes, disconnects, readers_only_of, removable_edges
 from gator_hw.masking import mask_model
 from gator_hw.slim import layout_index, slim
 
@@ -27,58 +27,6 @@ __all__ = ["CONST_PREFIX", "constant_nodes", "convert", "disconnects", "removabl
 
 #: buffers holding folded constants are named ``gator_const_<k>`` in the converted model
 CONST_PREFIX = "gator_const_"
-
-
-def _readers_only_of(graph: HyperGraph) -> set[int]:
-    """Edges whose every reading layer reads nothing else."""
-    layouts = {c.module: c.in_layout for c in graph.calls}
-    out = set()
-    for e in graph.edges:
-        readers = {s.module for s in e.sites if s.role in READ_ROLES}
-        if readers and all(
-            all(seg.gid == e.gid for seg in layouts[m]) for m in readers if m in layouts
-        ):
-            out.add(e.gid)
-    return out
-
-
-def _cut_readers(graph: HyperGraph, empty: set[int]) -> set[str]:
-    """Layers whose whole input is made of empty edges."""
-    return {
-        c.module for c in graph.calls
-        if c.in_layout and all(seg.gid in empty for seg in c.in_layout)
-    }
-
-
-def constant_nodes(graph: HyperGraph, empty: set[int]) -> set[str]:
-    """Traced nodes whose value no longer depends on the input once ``empty`` edges are gone."""
-    cut = _cut_readers(graph, empty)
-    const: set[str] = set()
-    for name, (op, module, inputs) in graph.dataflow.items():
-        if op in ("placeholder", "output"):
-            continue
-        if (op == "call_module" and module in cut) or op == "get_attr" or (
-            inputs and all(a in const for a in inputs)
-        ):
-            const.add(name)
-    return const
-
-
-def disconnects(graph: HyperGraph, empty: set[int]) -> bool:
-    """Whether emptying ``empty`` leaves the network output independent of its input."""
-    const = constant_nodes(graph, empty)
-    return any(
-        a in const for op, _, inputs in graph.dataflow.values() if op == "output" for a in inputs
-    )
-
-
-def removable_edges(graph: HyperGraph) -> set[int]:
-    """Edges that may keep no channel: read by nothing else, and not a cut of the network.
-
-    Emptying such an edge removes the part of the network it feeds (a residual branch) and
-    folds what that part added into a constant.
-    """
-    return {g for g in _readers_only_of(graph) if not disconnects(graph, {g})}
 
 
 def _values(gm: fx.GraphModule, nodes: set[fx.Node], example: torch.Tensor) -> dict:
@@ -152,7 +100,7 @@ def convert(model: nn.Module, graph: HyperGraph, keep: Mapping[int | str, Sequen
     """
     full = graph.normalize_plan(keep, min_keep=0)
     empty = {g for g, idx in full.items() if not idx}
-    bad = sorted(empty - _readers_only_of(graph))
+    bad = sorted(empty - readers_only_of(graph))
     if bad:
         e = graph.edges[bad[0]]
         raise GatorError(

@@ -2,7 +2,7 @@
 
 In training, gate ``c`` of edge ``e`` is a hard straight-through logistic gate::
 
-    L ~ Logistic(0, 1)          (one draw per channel and forward, on the logits' device)
+    L ~ Logistic(0, 1)          (per sample and channel, once per forward, on the logits' device)
     h = 1[theta + L > 0]        forward value (0 or 1), so P(open) = sigmoid(theta)
     dh/dtheta := d sigmoid(theta + L) / dtheta     (straight-through backward)
 
@@ -10,9 +10,9 @@ and ``mask`` (permanent, see :meth:`GateSet.update_masks`) multiplies it. In eva
 the gates are frozen, a gate is open iff ``mask and sigmoid(theta) > 0.5`` (no noise).
 
 The gates act where channels are read (:func:`gator_hw.masking.scale_inputs`), which is the
-same as removing a closed channel everywhere at once. One vector per edge is drawn in a forward
-pre-hook of the root model, so every reader site of an edge sees the same sample within a
-forward (the original drew fresh noise at every site). With every gate open the vectors are
+same as removing a closed channel everywhere at once. The gates of every edge are drawn once per
+forward in a pre-hook of the root model, so every reader site of an edge sees the same sample
+(the original drew fresh noise at every site). With every gate open the vectors are
 ones and the model's outputs are unchanged.
 
 Example
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from gator_hw.errors import GatorError
+from gator_hw.graph.cuts import removable_edges
 from gator_hw.graph.hypergraph import HyperGraph
 from gator_hw.masking import scale_inputs
 
@@ -72,6 +73,10 @@ class GateSet(nn.Module):
         Initial open probability ``p0``; logits start at ``logit(p0)``.
     names : sequence of str, optional
         Edge names (for messages and logs); default ``edge0, edge1, ...``.
+    min_keep : sequence of int, optional
+        Channels each edge always keeps (0 or 1): 1 for edges whose removal would cut the
+        network (see ``gator_hw.graph.cuts``); there the gate with the largest logit stays
+        open when all others close. Default 0 everywhere.
 
     Attributes
     ----------
@@ -86,6 +91,7 @@ class GateSet(nn.Module):
         channels: Sequence[int],
         init_prob: float = 0.995,
         names: Sequence[str] | None = None,
+        min_keep: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < init_prob < 1.0:
@@ -95,6 +101,7 @@ class GateSet(nn.Module):
         self.names = (
             list(names) if names is not None else [f"edge{i}" for i in range(len(channels))]
         )
+        self.min_keep = [int(k) for k in min_keep] if min_keep is not None else [0] * len(channels)
         theta0 = math.log(init_prob / (1.0 - init_prob))
         self.logits = nn.ParameterList(
             [nn.Parameter(torch.full((c,), theta0)) for c in self.channels]
@@ -107,8 +114,12 @@ class GateSet(nn.Module):
 
     @classmethod
     def from_graph(cls, graph: HyperGraph, init_prob: float = 0.995) -> GateSet:
-        """Gates for every prunable edge of ``graph``."""
-        return cls([e.channels for e in graph.edges], init_prob, [e.name for e in graph.edges])
+        """Gates for every prunable edge of ``graph``; edges that cut the network keep one."""
+        removable = removable_edges(graph)
+        return cls(
+            [e.channels for e in graph.edges], init_prob, [e.name for e in graph.edges],
+            [0 if e.gid in removable else 1 for e in graph.edges],
+        )
 
     # ------------------------------------------------------------------ state
     def __len__(self) -> int:
@@ -131,8 +142,8 @@ class GateSet(nn.Module):
         """Stop gate training: prune every closed gate, make gates deterministic, no grads."""
         self.update_masks()
         with torch.no_grad():
-            for i, theta in enumerate(self.logits):
-                self.mask(i).logical_and_(theta > 0)
+            for i, (theta, keep) in enumerate(zip(self.logits, self.deterministic(), strict=True)):
+                self.mask(i).logical_and_(keep.bool())
                 theta.requires_grad_(False)
         self.frozen_flag.fill_(True)
 
@@ -150,10 +161,21 @@ class GateSet(nn.Module):
             return torch.zeros(0)
         return torch.stack([p.sum() for p in self.open_prob()])
 
+    def _best(self, i: int) -> int:
+        """The live channel of edge ``i`` with the largest logit."""
+        theta = self.logits[i].detach().masked_fill(~self.mask(i), float("-inf"))
+        return int(theta.argmax())
+
     @torch.no_grad()
     def deterministic(self) -> list[torch.Tensor]:
-        """Eval gates: open (1.0) iff mask and ``sigmoid(theta) > 0.5``."""
-        return [(self.mask(i) & (t > 0)).to(t.dtype) for i, t in enumerate(self.logits)]
+        """Eval gates: open (1.0) iff mask and ``sigmoid(theta) > 0.5`` (``min_keep`` kept)."""
+        out = []
+        for i, t in enumerate(self.logits):
+            g = self.mask(i) & (t > 0)
+            if self.min_keep[i] and not g.any():
+                g[self._best(i)] = True
+            out.append(g.to(t.dtype))
+        return out
 
     def kept_channels(self) -> list[int]:
         """Channels each edge keeps with deterministic gates."""
@@ -170,6 +192,8 @@ class GateSet(nn.Module):
         for i, theta in enumerate(self.logits):
             m = self.mask(i)
             drop = m & (theta < 0)
+            if self.min_keep[i] and bool(drop.sum() == m.sum()) and bool(m.any()):
+                drop[self._best(i)] = False  # this edge cuts the network: keep one channel
             new += int(drop.sum())
             m.logical_and_(~drop)
         return new
@@ -185,17 +209,24 @@ class GateSet(nn.Module):
         return out
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, training: bool) -> dict[int, torch.Tensor]:
-        """One gate vector per edge: noisy hard gates if ``training`` and not frozen."""
+    def sample(self, training: bool, batch: int | None = None) -> dict[int, torch.Tensor]:
+        """Gate vectors per edge: noisy hard gates if ``training`` and not frozen.
+
+        With ``batch``, noise is drawn per sample and channel (vectors ``(batch, C)``), as in
+        GATOR; without it, one draw per channel serves the whole batch (vectors ``(C,)``).
+        Deterministic gates are always ``(C,)``.
+        """
         if not len(self):
             return {}
         if not training or self.frozen:
             vecs = self.deterministic()
         else:
             theta = torch.cat(list(self.logits))
-            noise = logistic_noise(theta.shape, device=theta.device, dtype=theta.dtype)
+            shape = theta.shape if batch is None else (batch, theta.shape[0])
+            noise = logistic_noise(shape, device=theta.device, dtype=theta.dtype)
             mask = torch.cat(self.masks).to(theta.dtype)
-            vecs = list(torch.split(hard_logistic_gate(theta, noise) * mask, self.channels))
+            gates = hard_logistic_gate(theta.expand(shape), noise) * mask
+            vecs = list(torch.split(gates, self.channels, dim=-1))
         return dict(enumerate(vecs))
 
     # ------------------------------------------------------------------ hooks
@@ -216,15 +247,18 @@ class GateSet(nn.Module):
     def attach(self, model: nn.Module, graph: HyperGraph) -> GateSet:
         """Insert the gates into ``model`` (hooks only; the model's weights are untouched).
 
-        A pre-hook on ``model`` draws one vector per edge at each forward of ``model``; every
-        layer reading an edge multiplies its input by that edge's vector. Returns ``self``.
+        A pre-hook on ``model`` draws the gates of every edge once per forward of ``model``
+        (per sample and channel in training); every layer reading an edge multiplies its input
+        by that edge's gates, so all sites of an edge agree. Returns ``self``.
         """
         self.check_graph(graph)
         if self.attached:
             raise GatorError("these gates are already attached; call detach() first")
 
-        def draw(mod: nn.Module, _args: tuple) -> None:
-            self.last_gates = self.sample(mod.training)
+        def draw(mod: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 1 else None
+            self.last_gates = self.sample(mod.training, batch)
 
         def current() -> dict[int, torch.Tensor]:
             if not self.last_gates:  # a sub-module called on its own

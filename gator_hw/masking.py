@@ -34,18 +34,21 @@ def expand_layout(
 ) -> torch.Tensor | None:
     """Concatenate per-edge vectors along a layer's input dimension (ones for other groups).
 
-    Returns None when no group of the layout has a vector (nothing to scale).
+    Vectors are ``(C,)`` (one scale per channel) or ``(N, C)`` (one per sample and channel);
+    the result has the same leading shape. Returns None when no group of the layout has a
+    vector (nothing to scale).
     """
     if not any(seg.gid in vectors for seg in layout):
         return None
     ref = next(v for v in vectors.values())
+    lead = ref.shape[:-1]
     parts = []
     for seg in layout:
         v = vectors.get(seg.gid)
         if v is None:
-            v = torch.ones(seg.length, device=ref.device, dtype=ref.dtype)
-        parts.append(v.repeat_interleave(seg.repeat) if seg.repeat > 1 else v)
-    return torch.cat(parts)
+            v = torch.ones(*lead, seg.length, device=ref.device, dtype=ref.dtype)
+        parts.append(v.repeat_interleave(seg.repeat, dim=-1) if seg.repeat > 1 else v)
+    return torch.cat(parts, dim=-1)
 
 
 def scale_inputs(
@@ -56,7 +59,8 @@ def scale_inputs(
     """Install forward pre-hooks that multiply each reader's input by its edges' vectors.
 
     ``vectors()`` is called at every reader call and returns edge index -> vector of that edge's
-    channel count. Remove the hooks with ``handle.remove()``.
+    channel count, shared by the batch ``(C,)`` or per sample ``(N, C)``. Remove the hooks
+    with ``handle.remove()``.
     """
     modules = dict(model.named_modules())
     handles = []
@@ -67,8 +71,9 @@ def scale_inputs(
             if scale is None:
                 return None
             x = args[0]
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return (x * scale.to(x.dtype).view(shape), *args[1:])
+            lead = tuple(scale.shape[:-1]) or (1,)
+            shape = (*lead, scale.shape[-1]) + (1,) * (x.dim() - 2)
+            return (x * scale.to(x.dtype).reshape(shape), *args[1:])
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     return handles

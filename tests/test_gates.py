@@ -131,10 +131,12 @@ def test_one_noise_sample_reaches_every_site_of_an_edge():
     with torch.no_grad():
         model(torch.rand(2, 3, 32, 32))
     expect = gates.last_gates[highway.gid]
-    assert 0 < float(expect.sum()) < highway.channels  # a real random sample
+    assert expect.shape == (2, highway.channels)  # per sample and channel, as in GATOR
+    assert 0 < float(expect.sum()) < 2 * highway.channels  # a real random sample
+    assert not torch.equal(expect[0], expect[1])  # the two samples drew their own gates
     for name in readers:
-        raw = before[name].abs().sum((0, 2, 3))
-        seen = after[name].abs().sum((0, 2, 3)) / raw.clamp_min(1e-12)
+        raw = before[name].abs().sum((2, 3))
+        seen = after[name].abs().sum((2, 3)) / raw.clamp_min(1e-12)
         live = raw > 0
         assert torch.allclose(seen[live], expect[live], atol=1e-6), name
 
@@ -155,3 +157,24 @@ def test_noise_on_the_logits_device():
     sample = gates.sample(True)[0]
     assert sample.device == gates.device and sample.dtype == torch.float64
     assert GateSet([]).sample(True) == {}
+
+
+def test_edges_that_cut_the_network_keep_one_channel():
+    net = cached_network("resnet20")
+    gates = GateSet.from_graph(net.graph)
+    from gator_hw.graph.cuts import removable_edges
+
+    removable = removable_edges(net.graph)
+    assert 0 < len(removable) < net.graph.n_edges
+    with torch.no_grad():
+        for theta in gates.logits:
+            theta.fill_(-1.0)
+        gates.logits[0][3] = -0.5  # the best of a bad lot
+    gates.update_masks()
+    kept = gates.kept_channels()
+    for e in net.graph.edges:
+        assert kept[e.gid] == (0 if e.gid in removable else 1), e.name
+    if 0 not in removable:
+        assert gates.kept_indices()[0] == [3]
+    gates.freeze()
+    assert gates.kept_channels() == kept
