@@ -18,7 +18,48 @@ ModelDir = Annotated[
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``export``, ``eval`` and ``bench`` to ``app``."""
+    """Add ``convert``, ``export``, ``eval`` and ``bench`` to ``app``."""
+
+    @app.command("convert")
+    def convert_cmd(
+        run: Annotated[Path, typer.Argument(
+            help="Run folder of `gator-hw prune` (uses last.json) or a checkpoint NAME.json.")],
+        out: Annotated[Path, typer.Option(help="Directory to write the converted model to.")],
+        data: Annotated[str | None, typer.Option(
+            help="Check equality on a real batch of this data (digits, imagefolder:PATH, ...)."
+        )] = None,
+    ) -> None:
+        """Remove every pruned channel for real and save model.safetensors + plan.json."""
+        from gator_hw.accounting import flop_counter_flops
+        from gator_hw.gated import convert_checkpoint
+        from gator_hw.io import save
+
+        batch = None
+        if data is not None:
+            from torch.utils.data import DataLoader
+
+            from gator_hw.train.checkpoint import load_checkpoint
+            from gator_hw.train.data import load_data
+
+            sig = load_checkpoint(run).meta["signature"]
+            ds = load_data(data, int(sig["input_shape"][-1]))
+            batch = next(iter(DataLoader(ds.val, batch_size=16)))[0]
+        r = convert_checkpoint(run, batch)
+        net = r.net
+        save(out, r.model, name=net.name, num_classes=net.num_classes,
+             input_size=net.input_size, graph=net.graph, keep=r.keep,
+             provenance={"source": str(r.source), "epoch": r.meta.get("epoch"),
+                         "config": r.meta.get("config"), "check_rel_error": r.rel_error})
+        shape = net.input_shape
+        ratio = flop_counter_flops(r.model, shape) / flop_counter_flops(net.model, shape)
+        params = sum(p.numel() for p in r.model.parameters())
+        params0 = sum(p.numel() for p in net.model.parameters())
+        emptied = [net.graph.edges[g].name for g, k in r.keep.items() if not k]
+        console.print(f"converted {net.name}: FLOPs {100 * ratio:.1f} %, params "
+                      f"{100 * params / params0:.1f} % of the original; "
+                      f"{len(emptied)} branches removed")
+        console.print(f"equals the gated model to {r.rel_error:.1e} (relative)")
+        console.print(f"saved to [bold]{out}[/] (load with gator_hw.load)")
 
     @app.command("export")
     def export_cmd(

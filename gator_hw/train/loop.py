@@ -423,6 +423,7 @@ class _Trainer:
             "controller": self.controller.state_dict() if self.controller else None,
             "scaler": self.scaler.state_dict() if self.amp else None,
             "signature": model_signature(self.run.net.graph),
+            "num_classes": self.run.net.num_classes,
             "settings": {
                 k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.s).items()
             },
