@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from gator_hw.commands import convert, costmodel, edges, plot, prune, quickstart
+from gator_hw.commands import convert, costmodel, edges, plot, profile, prune, quickstart
 from gator_hw.commands.common import err_console
 from gator_hw.errors import GatorError
 
@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (quickstart, edges, costmodel, plot, prune, convert):
+for _module in (quickstart, edges, profile, costmodel, plot, prune, convert):
     _module.register(app)
 
 
