@@ -2,10 +2,10 @@
 
 Two views of the same network:
 
-* ``layer`` features: the FLOPs of every conv / linear call and the bytes of the network at
-  those widths (exact and bilinear in the widths), plus FLOPs of layers whose channel counts
-  are not multiples of 8 / 32 (the latency staircase). A linear model on them is a per-layer
-  latency-per-FLOP model that generalises to any combination of widths.
+* ``layer`` features: the FLOPs and bytes moved of every conv / linear call and the bytes of
+  the network at those widths (exact and bilinear in the widths), plus FLOPs of layers whose
+  channel counts are not multiples of 8 / 32 (the latency staircase). A linear model on them
+  is a per-layer latency model that generalises to any combination of widths.
 * ``edge`` features: totals (FLOPs, params, bytes, arithmetic intensity), and per edge its
   relative width and its alignment (width mod 8, 16, 32, 64 == 0), for tree ensembles.
 
@@ -54,16 +54,18 @@ class FeatureMap:
         return [c for c in self.graph.calls if c.kind != "norm"]
 
     def layer_names(self) -> list[str]:
-        return [f"flops:{c.module}" for c in self._calls()] + ["bytes", "flops_mis8", "flops_mis32"]
+        names = [f"{k}:{c.module}" for c in self._calls() for k in ("gflops", "mbytes")]
+        return names + ["mbytes", "flops_mis8", "flops_mis32"]
 
     def layer(self, widths: np.ndarray) -> np.ndarray:
-        """Per-layer GFLOPs, total MB moved and misaligned GFLOPs, one row per width vector."""
+        """Per-layer GFLOPs and MB moved, total MB, misaligned GFLOPs; a row per width vector."""
         wd = self._widths(widths)
         n = len(next(iter(wd.values()))) if wd else 1
         cols, mis = [], {8: np.zeros(n), 32: np.zeros(n)}
         for c in self._calls():
-            f = np.broadcast_to(layer_cost(c, wd, batch=self.batch).flops / 1e9, (n,))
-            cols.append(f)
+            cost = layer_cost(c, wd, batch=self.batch, bytes_per_element=self.bytes_per_element)
+            f = np.broadcast_to(cost.flops / 1e9, (n,))
+            cols += [f, np.broadcast_to(cost.bytes / 1e6, (n,))]
             n_in, n_out = self._side(c.in_layout, wd), self._side(c.out_layout, wd)
             for m in mis:
                 off = (np.mod(n_in, m) != 0) | (np.mod(n_out, m) != 0)

@@ -9,8 +9,10 @@ Candidates (all scikit-learn, all predict a network's latency in ms from its edg
   widths and alignment flags (they can learn the latency staircase).
 
 Selection is by cross-validation grouped by edge: every width of one edge's probes is held
-out together, so a model is scored on edges it never saw. Random nets marked for validation
-are never used here.
+out together, so a model is scored on edges it never saw, and each random net is its own group.
+The score is the MAPE on the random nets of the held-out folds when the fit set has at least
+``MIN_CV_RANDOM`` of them (they are what pruning produces: many edges narrowed at once), else on
+every held-out network. Random nets marked for validation are never used here.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
 
 MODEL_FORMAT = "gator-hw/costmodel"
 MIN_SAMPLES = 6
+MIN_CV_RANDOM = 4
 
 
 def _estimator(name: str):
@@ -195,6 +198,9 @@ def fit_cost_model(
     names = list(CANDIDATES) if method == "auto" else [method]
     groups = fit.groups
     n_splits = min(5, len(set(groups)))
+    scored = fit.kind == "random"
+    if scored.sum() < MIN_CV_RANDOM:
+        scored = np.ones(len(fit), dtype=bool)
     cv: dict[str, float] = {}
     with _one_thread():
         for name in names:
@@ -202,7 +208,7 @@ def fit_cost_model(
             if n_splits >= 2:
                 pred = cross_val_predict(_estimator(name), x, fit.latency_ms, groups=groups,
                                          cv=GroupKFold(n_splits=n_splits))
-                cv[name] = _mape(fit.latency_ms, pred)
+                cv[name] = _mape(fit.latency_ms[scored], pred[scored])
         best = min(cv, key=cv.get) if cv else names[0]
         est = clone(_estimator(best)).fit(_features(fmap, CANDIDATES[best], fit.widths),
                                           fit.latency_ms)

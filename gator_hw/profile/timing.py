@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import platform
@@ -424,6 +425,8 @@ def make_spec(
 # measuring
 # ---------------------------------------------------------------------------
 def _time_cpu(model: nn.Module, x: torch.Tensor, spec: TimingSpec) -> tuple[list[float], int]:
+    # importing the benchmark utilities probes for a CUDA toolkit and warns on CPU-only hosts
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.benchmark import Timer
 
     warm = []
