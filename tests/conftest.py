@@ -17,6 +17,15 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 
 @pytest.fixture
+def one_thread():
+    """Training tests: one intra-op thread (2 shared cores stall under OpenMP spin-waits)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def reference_dir() -> Path:
     """The original GATOR's published files (configs, timing and result tables)."""
     if not REFERENCE.is_dir():

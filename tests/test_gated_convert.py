@@ -67,3 +67,23 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         convert_checkpoint(tmp_path)
     with pytest.raises(GatorError, match="not found"):
         convert_checkpoint(tmp_path / "missing")
+
+
+def test_bench_reports_flops_and_latency_ratios(run_dir: Path, tmp_path: Path) -> None:
+    from gator_hw.evaluate import compare_latency
+    from gator_hw.profile.timing import make_spec
+
+    r = convert_checkpoint(run_dir)
+    spec = make_spec("resnet20", batch=4, input_size=16, threads=1, repeats=3, warmup=1,
+                     min_block_s=0.002)
+    cmp = compare_latency(r.net.model, r.model, spec, flops_ratio=0.5, rounds=2)
+    assert len(cmp.original_ms) == len(cmp.converted_ms) == 2
+    assert cmp.latency_ratio > 0 and cmp.speedup == pytest.approx(1 / cmp.latency_ratio)
+    assert "FLOPs ratio 0.500" in str(cmp)
+    assert r.net.model.training is False and next(r.net.model.parameters()).requires_grad
+    out = tmp_path / "pruned"
+    assert CliRunner().invoke(app, ["convert", str(run_dir), "--out", str(out)]).exit_code == 0
+    res = CliRunner().invoke(app, ["bench", str(out), "--batch-size", "2", "--rounds", "1",
+                                   "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "FLOPs ratio" in res.output and "latency ratio" in res.output

@@ -6,21 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import cached_network, randomize_norms
 
 from gator_hw.errors import GatorError
 from gator_hw.gates import GateSet, hard_logistic_gate, logistic_noise
 from gator_hw.graph.hypergraph import READ_ROLES
 from gator_hw.network import load_network
+from tests.conftest import cached_network, randomize_norms
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: one intra-op thread avoids OpenMP spin-wait stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_open_probability_is_sigmoid_of_logit():

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-from conftest import cached_network
 from torch import nn
 
 from gator_hw.accounting import network_cost
@@ -22,15 +21,9 @@ from gator_hw.loss import (
     quadratic_cost,
     refresh_gate_groups,
 )
+from tests.conftest import cached_network
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: one intra-op thread avoids OpenMP spin-wait stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TwoConv(nn.Module):

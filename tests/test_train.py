@@ -29,14 +29,7 @@ from gator_hw.train import (
 )
 from gator_hw.train.loop import GatedNet, learning_rate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: one intra-op thread avoids OpenMP spin-wait stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class NoNorm(nn.Module):
