@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         random_nets: Annotated[int, typer.Option(
             help="Random pruned nets (half fit the model, half validate it).")] = 16,
         rounds: Annotated[int, typer.Option(help="Timing rounds.")] = 3,
+        threads: Annotated[int, typer.Option(
+            help="CPU threads for timing (1 is robust on a machine shared with other work).")] = 1,
     ) -> None:
         """Profile a model, fit the latency cost model, write a config, validate it and plot.
 
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from gator_hw.pipeline import quickstart
 
         r = quickstart(out, model=model, input_size=input_size, batch=batch_size, device=device,
-                       widths=widths, random_nets=random_nets, rounds=rounds)
+                       widths=widths, random_nets=random_nets, rounds=rounds, threads=threads)
         console.print(str(r.profile))
         _print_scores(r.scores)
         console.print(f"config:     {r.config_path}")
