@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -117,6 +118,8 @@ def register(app: typer.Typer) -> None:
             num_classes=num_classes, workers=workers, seed=seed, device=device,
         )  # fmt: skip
         result = train(settings, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # under torchrun, rank 0 reports
         frac = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.fractions.items())
         met = "" if result.budget_met is None else f"; budget met: {result.budget_met}"
         console.print(f"kept {sum(result.kept)} channels; predicted {frac}{met}")
