@@ -40,15 +40,34 @@ def _inner_edges(graph) -> list[int]:
      ("resnext50_32x4d", 64), ("googlenet", 64), ("vgg16_bn", 64), ("mobilenet_v3_small", 64)],
 )
 def test_converted_equals_gated(name: str, size: int) -> None:
+    """Random gate states, a whole branch removed and an edge at its minimum of one channel."""
+    from gator_hw.gates import GateSet
+
     net = load_network(name, input_size=size)
     model, g = randomize_norms(net.model), net.graph
     plan = random_plan(g, seed=4)
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
-    if name in ("resnet50", "resnet18", "resnet56", "densenet121", "regnet_y_400mf"):
-        for gid in _inner_edges(g)[:6:2]:  # whole residual branches go
-            plan[gid] = []
-    ref = _masked(model, g, plan, x)
-    small = convert(model, g, plan)
+    branches = _inner_edges(g)
+    for gid in branches[:6:2]:  # whole residual branches go
+        plan[gid] = []
+    narrowest = next(e for e in g.edges if e.gid not in branches and e.groups == 1)
+    plan[narrowest.gid] = [narrowest.channels - 1]  # an edge at its minimum
+    gates = GateSet.from_graph(g)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for e in g.edges:  # open logits for kept channels, negative ones for the rest
+            theta = -torch.rand(e.channels, generator=gen) - 0.1
+            theta[plan[e.gid]] = torch.rand(len(plan[e.gid]), generator=gen) + 0.1
+            gates.logits[e.gid].copy_(theta)
+    gates.update_masks()
+    keep = gates.kept_indices()
+    assert keep == {k: sorted(v) for k, v in plan.items()}
+    gates.eval().attach(model, g)
+    with torch.no_grad():
+        ref = model(x)
+    gates.detach()
+    assert torch.allclose(ref, _masked(model, g, plan, x), rtol=1e-5, atol=1e-6)
+    small = convert(model, g, keep)
     with torch.no_grad():
         out = small(x)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
