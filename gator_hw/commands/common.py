@@ -7,11 +7,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-__all__ = ["InputSize", "NumClasses", "console", "err_console"]
+__all__ = ["InputSize", "ModelName", "NumClasses", "console", "err_console"]
 
 console = Console()
 err_console = Console(stderr=True)
 
+ModelName = Annotated[
+    str,
+    typer.Argument(help="A torchvision builder (resnet50, mobilenet_v2, ...), a CIFAR ResNet "
+                   "(resnet20, resnet56), or path/to/file.py:factory."),
+]
 InputSize = Annotated[
     int | None,
     typer.Option(

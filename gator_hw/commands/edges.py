@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from gator_hw.accounting import edge_costs, gator_units, network_cost
-from gator_hw.commands.common import InputSize, NumClasses, console
+from gator_hw.commands.common import InputSize, ModelName, NumClasses, console
 from gator_hw.models import available_models
 from gator_hw.network import Network, load_network
 
@@ -83,9 +83,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("edges")
     def edges_cmd(
-        model: Annotated[
-            str, typer.Argument(help="torchvision name, resnet56, or file.py:factory.")
-        ],
+        model: ModelName,
         input_size: InputSize = None,
         num_classes: NumClasses = 1000,
         as_json: Annotated[

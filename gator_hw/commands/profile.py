@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gator_hw.commands.common import InputSize, NumClasses, console, err_console
+from gator_hw.commands.common import InputSize, ModelName, NumClasses, console, err_console
 from gator_hw.profile.runner import ProfileRequest, ProfileResult, run
 
 __all__ = ["DType", "print_summary", "register"]
@@ -66,9 +66,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("profile")
     def profile_cmd(
-        model: Annotated[
-            str, typer.Argument(help="torchvision name, resnet56, or path/to/file.py:factory.")
-        ],
+        model: ModelName,
         device: Annotated[
             str, typer.Option("--device", help="Where to time: cpu, cuda or cuda:N.")
         ],

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from gator_hw.commands.common import InputSize, console
+from gator_hw.commands.common import InputSize, ModelName, console
 from gator_hw.train.loop import TrainSettings, train
 
 __all__ = ["Schedule", "register"]
@@ -27,9 +27,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("prune")
     def prune_cmd(
-        model: Annotated[
-            str, typer.Argument(help="torchvision name, resnet20/56, or file.py:factory.")
-        ],
+        model: ModelName,
         config: Annotated[
             Path,
             typer.Option(
