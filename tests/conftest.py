@@ -39,6 +39,15 @@ def cached_network(name: str, input_size: int | None = None) -> Network:
     return load_network(name, input_size=input_size)
 
 
+def one_line_error(excinfo: pytest.ExceptionInfo, *words: str) -> str:
+    """Assert a raised GatorError is one line naming every word in ``words``; return it."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    for word in words:
+        assert word in msg, f"{word!r} not in {msg!r}"
+    return msg
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give batch norms non-trivial statistics so zeroed channels show up in the output."""
     g = torch.Generator().manual_seed(seed)

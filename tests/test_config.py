@@ -10,6 +10,7 @@ import pytest
 
 from gator_hw.config import FACTOR_TYPES, GatingConfig, read_config, write_config
 from gator_hw.errors import GatorError
+from tests.conftest import one_line_error as _one_line_error
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 REFERENCE_CONFIGS = sorted(REFERENCE.glob("*config*.json")) if REFERENCE.is_dir() else []
@@ -20,12 +21,6 @@ def _need_reference() -> None:
         pytest.skip(f"reference fixtures not found under {REFERENCE} (shared/reference absent)")
 
 
-def _one_line_error(excinfo: pytest.ExceptionInfo[GatorError], *words: str) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg
-    for word in words:
-        assert word in msg, f"{word!r} not in {msg!r}"
-    return msg
 
 
 def test_reference_configs_present() -> None:

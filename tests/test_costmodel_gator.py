@@ -22,6 +22,7 @@ from gator_hw.costmodel import (
     write_gator_csv,
 )
 from gator_hw.errors import GatorError
+from tests.conftest import one_line_error as _one_line_error
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 PUBLISHED = [
@@ -48,12 +49,6 @@ def _reference(name: str) -> Path:
     return path
 
 
-def _one_line_error(excinfo: pytest.ExceptionInfo[GatorError], *words: str) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg
-    for word in words:
-        assert word in msg, f"{word!r} not in {msg!r}"
-    return msg
 
 
 def _write(tmp_path: Path, text: str) -> Path:
