@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +17,6 @@ from torch import nn
 from gator_hw.errors import GatorError
 
 __all__ = [
-    "ModelSpec",
     "available_models",
     "build_model",
     "default_input_size",
@@ -89,18 +87,6 @@ def resnet56(num_classes: int = 10) -> CifarResNet:
 
 
 _CIFAR = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How a model was built, so that it can be rebuilt: a name or ``file.py:factory``."""
-
-    name: str
-    num_classes: int = 1000
-
-    @property
-    def is_factory(self) -> bool:
-        return ":" in self.name and self.name.split(":", 1)[0].endswith(".py")
 
 
 def _torchvision_names() -> list[str]:

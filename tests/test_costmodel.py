@@ -86,6 +86,7 @@ def test_save_and_refit_on_load(fitted, tmp_path: Path, table) -> None:
     path = fitted.save(tmp_path / "cm.json")
     doc = json.loads(path.read_text())
     assert doc["method"] == "ridge" and len(doc["multipliers"]) == fitted.graph.n_edges
+    assert len(doc["features"]) == fitted.estimator[-1].coef_.shape[0]  # one name per column
     assert b"pickle" not in path.read_bytes()
     again = load_cost_model(path, fitted.graph)
     w = np.array([[max(1, e.channels // 3) for e in fitted.graph.edges]])

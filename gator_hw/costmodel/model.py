@@ -111,6 +111,13 @@ class CostModel:
         with _one_thread():
             return np.asarray(self.estimator.predict(x), dtype=float)
 
+    def feature_names(self) -> list[str]:
+        """Names of the columns the estimator reads."""
+        view = CANDIDATES[self.method]
+        if view == "flops":
+            return ["gflops"]
+        return self.fmap.layer_names() if view == "layer" else self.fmap.edge_names()
+
     def full_widths(self) -> np.ndarray:
         return np.array([e.channels for e in self.graph.edges], dtype=np.int64)
 
@@ -146,6 +153,7 @@ class CostModel:
             "input_shape": list(self.graph.input_shape),
             "method": self.method,
             "params": params,
+            "features": self.feature_names(),
             "baseline_ms": self.baseline_ms,
             "cv_mape": self.cv_mape,
             "fit_variants": self.fit_variants,

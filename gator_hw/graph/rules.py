@@ -202,10 +202,6 @@ class Builder:
         )
 
 
-def _width(layout: Layout) -> int:
-    return sum(r.length * r.repeat for r in layout)
-
-
 def _spatial(shape: tuple[int, ...] | None) -> tuple[int, tuple[int, ...]]:
     hw = tuple(shape[2:]) if shape is not None else ()
     return math.prod(hw) if hw else 1, hw
