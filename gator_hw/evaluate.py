@@ -67,13 +67,19 @@ class LatencyComparison:
 
 def compare_latency(original: nn.Module, converted: nn.Module, spec: TimingSpec, *,
                     flops_ratio: float, rounds: int = 3) -> LatencyComparison:
-    """Time both models alternately for ``rounds`` rounds (the profiler's protocol).
+    """Time both models alternately for ``rounds`` rounds (the profiler's protocol); with
+    ``spec.interleave`` (CPU), each round interleaves their blocks.
 
     The models are copied first: timing moves a model to the spec's device and dtype.
     """
     original, converted = copy.deepcopy(original), copy.deepcopy(converted)
     orig, conv = [], []
     for r in range(rounds):
+        if spec.interleave:
+            res = time_model(converted, spec.for_variant("converted"), reference=original)
+            orig.append(res.ref_median_ms)
+            conv.append(res.median_ms)
+            continue
         first, second = (original, converted) if r % 2 == 0 else (converted, original)
         a = time_model(first, spec.for_variant("original" if first is original else "converted"))
         b = time_model(second, spec.for_variant("converted" if first is original else "original"))

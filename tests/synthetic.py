@@ -22,7 +22,8 @@ def true_latency_ms(net: Network, widths: np.ndarray) -> np.ndarray:
     calls = [c for c in net.graph.calls if c.kind != "norm"]
     rate = np.array([3.0 if c.module.startswith(("layer1", "conv1")) else 1.0 for c in calls])
     x = fmap.layer(widths)
-    return 0.4 + 2.0 * x[:, : len(calls)] @ rate + 0.6 * x[:, -2]
+    mis8 = x[:, fmap.layer_names().index("flops_mis8")]
+    return 0.4 + 2.0 * x[:, 0 : 2 * len(calls) : 2] @ rate + 0.6 * mis8
 
 
 def write_synthetic_table(

@@ -21,7 +21,14 @@ from gator_hw.errors import GatorError
 from gator_hw.network import load_network
 from gator_hw.profile import runner as runner_mod
 from gator_hw.profile.runner import ProfileRequest, cells_path, default_out, run, schedule
-from gator_hw.profile.tables import Cell, build_table, read_table, sidecar_path, summarize
+from gator_hw.profile.tables import (
+    Cell,
+    build_table,
+    gator_frame,
+    read_table,
+    sidecar_path,
+    summarize,
+)
 from gator_hw.profile.timing import (
     NOISY_REL_IQR,
     LatencyResult,
@@ -34,6 +41,7 @@ from gator_hw.profile.timing import (
     torch_settings,
 )
 from gator_hw.profile.variants import build_variants, keep_count, parse_widths, random_variants
+from gator_hw.slim import slim
 
 TINY = """
 from torch import nn
@@ -87,19 +95,32 @@ def _request(model: str, **kw) -> ProfileRequest:
     return ProfileRequest.create(model, **opts)
 
 
-class FakeMeasure:
-    """Deterministic stand-in for time_model: time grows with the parameter count."""
+def fake_ms(model: nn.Module) -> float:
+    """The fake timer's true latency of a model: grows with its parameter count."""
+    return 1.0 + sum(p.numel() for p in model.parameters()) / 1e5
 
-    def __init__(self, noisy_first: bool = False) -> None:
+
+class FakeMeasure:
+    """Deterministic stand-in for time_model. ``speeds`` cycles the machine's speed per cell
+    (a shared CPU switching state); an interleaved reference is timed at the same speed."""
+
+    def __init__(self, noisy_first: bool = False, speeds: tuple[float, ...] = (1.0,)) -> None:
         self.calls: list[str] = []
         self.noisy_first = noisy_first
+        self.speeds = speeds
 
-    def __call__(self, model: nn.Module, spec: TimingSpec) -> LatencyResult:
+    def __call__(
+        self, model: nn.Module, spec: TimingSpec, reference: nn.Module | None = None
+    ) -> LatencyResult:
         self.calls.append(spec.variant)
-        base = 1e-3 * (1.0 + sum(p.numel() for p in model.parameters()) / 1e5)
+        slow = self.speeds[(len(self.calls) - 1) % len(self.speeds)]
         spread = 0.5 if self.noisy_first and len(self.calls) % 2 == 1 else 0.01
-        times = tuple(base * (1 + spread * (i - 2) / 4) for i in range(5))
-        return LatencyResult(spec, times, 1)
+
+        def times(m: nn.Module, spread: float) -> tuple[float, ...]:
+            return tuple(1e-3 * slow * fake_ms(m) * (1 + spread * (i - 2) / 4) for i in range(5))
+
+        ref = times(reference, 0.0) if reference is not None else ()
+        return LatencyResult(spec, times(model, spread), 1, ref)
 
 
 # ---------------------------------------------------------------------------
@@ -156,6 +177,26 @@ def test_time_model_cpu_protocol():
     assert len(res.times_s) >= 6 and res.number >= 1 and res.median_ms > 0
     assert res.spec is spec and spec.regime == "cpu" and spec.threads == 1
     assert not any(p.requires_grad for p in model.parameters())
+    assert spec.interleave and res.ref_times_s == () and res.noise == res.rel_iqr
+
+
+def test_time_model_interleaved_with_a_reference():
+    spec = make_spec("conv", device="cpu", batch=2, input_size=16, threads=1, repeats=6,
+                     min_block_s=0.005)
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    big = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
+    big.train()
+    res = time_model(small, spec, reference=big)
+    assert len(res.ref_times_s) == len(res.times_s) == 6 and big.training
+    assert res.ref_median_ms > res.median_ms  # the reference does ~300x the work
+    ratios = [t / r for t, r in zip(res.times_s, res.ref_times_s, strict=True)]
+    q1, q3 = np.quantile(ratios, [0.25, 0.75])
+    assert res.noise == pytest.approx((q3 - q1) / np.median(ratios))
+    assert "reference" in str(res)
+    with pytest.raises(ValueError, match="pair"):
+        LatencyResult(spec, (1e-3, 1e-3), 1, (1e-3,))
+    with pytest.raises(GatorError, match="--interleave is for CPU"):
+        TimingSpec(model="m", batch=1, input_size=8, regime="cuda-graph", interleave=True)
 
 
 def test_devices_and_slugs(monkeypatch):
@@ -356,8 +397,40 @@ def test_noisy_cells_are_remeasured_once(tiny, tmp_path):
     fake = FakeMeasure(noisy_first=True)
     result = run(_request(tiny, rounds=1), tmp_path / "n.csv", progress=False, measure=fake)
     assert len(fake.calls) == 8  # every cell timed twice
-    assert (result.table["flags"] == "remeasured").all() and not result.table["noisy"].any()
+    assert result.table["flags"].str.endswith("remeasured").all()
+    assert not result.table["noisy"].any()
     assert result.metadata["remeasured_cells"] == 4
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_interleaving_cancels_a_machine_changing_speed(tiny, tmp_path, interleave):
+    speeds = (1.0, 2.0, 1.0, 3.0, 1.5)  # the machine's speed changes from cell to cell
+    req = _request(tiny, rounds=2, interleave=interleave)
+    result = run(req, tmp_path / "s.csv", progress=False, measure=FakeMeasure(speeds=speeds))
+    net = load_network(tiny, input_size=16)
+    full_ms = fake_ms(net.model)
+    t = result.table
+    edges = t[t["kind"] == "edge"]
+    truth = np.array([
+        100.0 * (1.0 - fake_ms(slim(net.model, net.graph,
+                                    net.graph.first_channels_plan({int(e): int(k)}))) / full_ms)
+        for e, k in zip(edges["edge"], edges["kept"], strict=True)
+    ])  # fmt: skip
+    err = np.abs(edges["saving_pct"].to_numpy() - truth)
+    flagged = edges["flags"].str.contains("interleaved")
+    if interleave:
+        assert err.max() < 1e-9 and flagged.all()
+        assert not t.loc[t["kind"] == "baseline", "flags"].str.contains("interleaved").any()
+        assert result.metadata["pair_noise_floor"] == pytest.approx(0.005)  # the fake's spread
+        gator = gator_frame(t)
+        base = float(t.loc[t["kind"] == "baseline", "median_ms"].median())
+        want = base * (1.0 - truth / 100.0)
+        got = gator[gator["label"] > 0].sort_values("label", kind="stable")["time_ms"]
+        order = np.lexsort((edges["round"].to_numpy(), edges["edge"].to_numpy()))
+        assert got.to_numpy() == pytest.approx(want[order], rel=1e-9)
+    else:
+        assert err.max() > 10.0 and not flagged.any()  # round pairing cannot see the switches
+        assert result.metadata["pair_noise_floor"] is None
 
 
 def test_stalled_rounds_are_flagged_and_skipped_by_summary(tiny):

@@ -112,6 +112,15 @@ def register(app: typer.Typer) -> None:
                 "--eager", help="On CUDA, time plain eager calls instead of CUDA-graph replays."
             ),
         ] = False,
+        interleave: Annotated[
+            bool | None,
+            typer.Option(
+                "--interleave/--no-interleave",
+                help="On CPU, pair every variant's timed blocks with blocks of the full net "
+                "(ABBA) so a machine changing speed cancels out (default: on for CPU; "
+                "doubles the time).",
+            ),
+        ] = None,
         threads: Annotated[
             int | None,
             typer.Option("--threads", help="CPU threads while timing (default: torch's)."),
@@ -147,6 +156,7 @@ def register(app: typer.Typer) -> None:
             random_nets=random_nets,
             rounds=rounds,
             eager=eager,
+            interleave=interleave,
             threads=threads,
             seed=seed,
             num_classes=num_classes,

@@ -4,8 +4,10 @@ Two views of the same network:
 
 * ``layer`` features: the FLOPs and bytes moved of every conv / linear call and the bytes of
   the network at those widths (exact and bilinear in the widths), plus FLOPs of layers whose
-  channel counts are not multiples of 8 / 32 (the latency staircase). A linear model on them
-  is a per-layer latency model that generalises to any combination of widths.
+  channel counts are not multiples of 8 / 32, and the FLOPs that padding every layer's channels
+  up to a multiple of 8 / 16 / 32 / 64 would add (the latency staircase: kernels compute whole
+  channel blocks, e.g. 16 for AVX-512 oneDNN convs). A linear model on them is a per-layer
+  latency model that generalises to any combination of widths.
 * ``edge`` features: totals (FLOPs, params, bytes, arithmetic intensity), and per edge its
   relative width and its alignment (width mod 8, 16, 32, 64 == 0), for tree ensembles.
 
@@ -21,12 +23,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from gator_hw.accounting import layer_cost, network_cost
-from gator_hw.graph.hypergraph import HyperGraph
+from gator_hw.graph.hypergraph import HyperGraph, LayerCall
 
-__all__ = ["ALIGNMENTS", "FeatureMap"]
+__all__ = ["ALIGNMENTS", "FeatureMap", "padded_excess"]
 
 ALIGNMENTS = (8, 16, 32, 64)
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _pad(n: np.ndarray, m: int) -> np.ndarray:
+    return np.ceil(n / m) * m
+
+
+def padded_excess(call: LayerCall, n_in: np.ndarray, n_out: np.ndarray, m: int) -> np.ndarray:
+    """Factor of extra work when ``call`` computes its channels in whole blocks of ``m``.
+
+    Dense convs and linears scale with in x out channels, depthwise convs with their channels.
+    """
+    n_in = np.maximum(np.asarray(n_in, dtype=float), 1.0)
+    n_out = np.maximum(np.asarray(n_out, dtype=float), 1.0)
+    if call.kind == "conv" and call.depthwise:
+        return _pad(n_out, m) / n_out - 1.0
+    return _pad(n_in, m) * _pad(n_out, m) / (n_in * n_out) - 1.0
 
 
 @dataclass(frozen=True)
@@ -55,13 +73,16 @@ class FeatureMap:
 
     def layer_names(self) -> list[str]:
         names = [f"{k}:{c.module}" for c in self._calls() for k in ("gflops", "mbytes")]
-        return names + ["mbytes", "flops_mis8", "flops_mis32"]
+        return names + ["mbytes", "flops_mis8", "flops_mis32"] + [
+            f"flops_pad{m}" for m in ALIGNMENTS
+        ]
 
     def layer(self, widths: np.ndarray) -> np.ndarray:
-        """Per-layer GFLOPs and MB moved, total MB, misaligned GFLOPs; a row per width vector."""
+        """Per-layer GFLOPs and MB, total MB, misaligned and padding GFLOPs; a row per width."""
         wd = self._widths(widths)
         n = len(next(iter(wd.values()))) if wd else 1
         cols, mis = [], {8: np.zeros(n), 32: np.zeros(n)}
+        pad = {m: np.zeros(n) for m in ALIGNMENTS}
         for c in self._calls():
             cost = layer_cost(c, wd, batch=self.batch, bytes_per_element=self.bytes_per_element)
             f = np.broadcast_to(cost.flops / 1e9, (n,))
@@ -70,9 +91,11 @@ class FeatureMap:
             for m in mis:
                 off = (np.mod(n_in, m) != 0) | (np.mod(n_out, m) != 0)
                 mis[m] = mis[m] + f * off
+            for m in pad:
+                pad[m] = pad[m] + f * padded_excess(c, n_in, n_out, m)
         total = network_cost(self.graph, wd, batch=self.batch,
                              bytes_per_element=self.bytes_per_element)
-        cols += [np.broadcast_to(total.bytes / 1e6, (n,)), mis[8], mis[32]]
+        cols += [np.broadcast_to(total.bytes / 1e6, (n,)), mis[8], mis[32], *pad.values()]
         return np.stack(cols, axis=1).astype(float)
 
     def edge_names(self) -> list[str]:

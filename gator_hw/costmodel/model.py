@@ -3,8 +3,11 @@
 Candidates (all scikit-learn, all predict a network's latency in ms from its edge widths):
 
 * ``flops_linear``: latency = a + b * FLOPs (what FLOPs-based pruning assumes).
-* ``ridge``: standardised ridge regression on per-layer FLOPs, bytes and misaligned FLOPs
-  (a per-layer latency-per-FLOP model, exact in how widths combine).
+* ``ridge``: standardised ridge regression on per-layer FLOPs and bytes plus the network's
+  misaligned and channel-padding FLOPs (a per-layer latency-per-FLOP model, exact in how widths
+  combine).
+* ``nnls``: the same features by non-negative least squares: no layer, byte or padding block
+  may make a network faster by being there.
 * ``hgb`` / ``rf``: gradient-boosted trees / random forest on totals and per-edge relative
   widths and alignment flags (they can learn the latency staircase).
 
@@ -56,6 +59,8 @@ def _estimator(name: str):
         return LinearRegression()
     if name == "ridge":
         return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-4, 3, 15)))
+    if name == "nnls":
+        return LinearRegression(positive=True)
     if name == "hgb":
         return HistGradientBoostingRegressor(
             max_iter=300, learning_rate=0.05, min_samples_leaf=3, random_state=0
@@ -67,7 +72,7 @@ def _estimator(name: str):
 
 #: candidate name -> which feature view it reads
 CANDIDATES: dict[str, str] = {
-    "flops_linear": "flops", "ridge": "layer", "hgb": "edge", "rf": "edge"
+    "flops_linear": "flops", "ridge": "layer", "nnls": "layer", "hgb": "edge", "rf": "edge"
 }
 
 
@@ -186,17 +191,19 @@ def fit_cost_model(
     *,
     method: str = "auto",
     holdout: float = 0.5,
+    holdout_seed: int = 0,
 ) -> CostModel:
     """Fit the cost model on profile tables; ``auto`` keeps the best candidate by grouped CV.
 
-    A ``holdout`` fraction of the random nets is left out for ``validate``.
+    A ``holdout`` fraction of the random nets (drawn with ``holdout_seed``) is left out for
+    ``validate``.
     """
     if method != "auto" and method not in CANDIDATES:
         raise GatorError(
             f"unknown cost-model method '{method}'; choose auto or one of {', '.join(CANDIDATES)}"
         )
     samples = load_samples(tables, graph)
-    fit = samples.subset(~holdout_mask(samples, holdout))
+    fit = samples.subset(~holdout_mask(samples, holdout, holdout_seed))
     if len(fit) < MIN_SAMPLES:
         raise GatorError(
             f"only {len(fit)} measured networks to fit; the cost model needs at least "

@@ -2,11 +2,13 @@
 
 Protocol. Every round times the full-width baseline first and then every other variant in a
 seeded shuffled order, so slow drifts (clock, temperature, neighbours) hit all variants alike;
-a variant's saving is its paired delta against the baseline of its own round. A cell (one
-variant in one round) whose relative IQR exceeds ``NOISY_REL_IQR`` is re-measured once right
-away and keeps the less noisy of its two measurements, flagged ``remeasured`` (and ``noisy``
-if that one still is). Summaries take medians over rounds, so one disturbed round does not
-move them.
+a variant's saving is its paired delta against the baseline of its own round. On CPU (where a
+shared machine can switch speed within a round) each variant's blocks are also interleaved
+with blocks of the full net, and the saving is paired within the cell instead
+(``spec.interleave``). A cell (one variant in one round) whose noise exceeds
+``NOISY_REL_IQR`` is re-measured once right away and keeps the less noisy of its two
+measurements, flagged ``remeasured`` (and ``noisy`` if that one still is). Summaries take
+medians over rounds, so one disturbed round does not move them.
 
 Resume. Each finished cell is appended to ``<stem>.cells.json`` beside the table, rewritten
 atomically after every cell; Ctrl-C or a crash loses at most the cell being timed. A re-run
@@ -22,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from rich.console import Console
@@ -61,6 +65,9 @@ from gator_hw.profile.timing import (
 )
 from gator_hw.profile.variants import Variant, baseline_variant, build_variants, parse_widths
 from gator_hw.slim import slim
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "EAGER_GRAPH_TOLERANCE",
@@ -117,6 +124,7 @@ class ProfileRequest:
         num_classes: int = 1000,
         repeats: int | None = None,
         warmup: int | None = None,
+        interleave: bool | None = None,
     ) -> ProfileRequest:
         """Validate user options and resolve the device (GatorError on any mistake)."""
         fractions = parse_widths(widths)
@@ -141,6 +149,7 @@ class ProfileRequest:
             threads=threads,
             repeats=repeats,
             warmup=warmup,
+            interleave=interleave,
         )
         return cls(spec, fractions, round_to, random_nets, rounds, seed, num_classes)
 
@@ -285,18 +294,22 @@ def _build(net: Network, variant: Variant):
 
 
 def _measure_cell(
-    net: Network, variant: Variant, rnd: int, spec: TimingSpec, measure: Measure
+    net: Network, variant: Variant, rnd: int, spec: TimingSpec, measure: Measure,
+    reference: nn.Module | None = None,
 ) -> Cell:
+    """Time one cell; interleaved with ``reference`` (the full net) unless it is the baseline."""
     t0 = time.perf_counter()
     model = _build(net, variant)
     vspec = spec.for_variant(variant.vid)
-    res = measure(model, vspec)
+    kw = {"reference": reference} if reference is not None and variant.kind != "baseline" else {}
+    res = measure(model, vspec, **kw)
     flags: tuple[str, ...] = ()
-    if res.rel_iqr > NOISY_REL_IQR:
-        again = measure(model, vspec)
-        res = min(res, again, key=lambda m: m.rel_iqr)
+    if res.noise > NOISY_REL_IQR:
+        again = measure(model, vspec, **kw)
+        res = min(res, again, key=lambda m: m.noise)
         flags = ("remeasured",)
-    return Cell(rnd, variant.vid, res.times_s, res.number, flags, time.perf_counter() - t0)
+    return Cell(rnd, variant.vid, res.times_s, res.number, flags, time.perf_counter() - t0,
+                res.ref_times_s)
 
 
 def _preflight(net: Network, spec: TimingSpec) -> None:
@@ -347,6 +360,12 @@ def _regime_check(
     return checks, warnings
 
 
+def _pair_noise(cells: Iterable[Cell], spec: TimingSpec) -> float | None:
+    """Median over interleaved cells of the rel. IQR of their ratios to the baseline."""
+    noise = [c.result(spec).noise for c in cells if c.ref_times_s]
+    return float(statistics.median(noise)) if noise else None
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -363,6 +382,8 @@ def _progress(enabled: bool) -> Progress:
 
 
 def _regime_text(spec: TimingSpec, checks: Mapping) -> str:
+    if spec.regime == "cpu" and spec.interleave:
+        return f"cpu: blocks interleaved with the full net (ABBA), {spec.threads} threads"
     if spec.regime == "cpu":
         return f"cpu: torch.utils.benchmark, {spec.threads} threads"
     text = "CUDA-graph replay" if spec.regime == "cuda-graph" else "eager CUDA calls"
@@ -427,13 +448,14 @@ def run(
     if todo:
         _preflight(net, spec)
     checks, warnings = _regime_check(net, spec, store, measure)
+    reference = _build(net, baseline_variant(net.graph)) if spec.interleave and todo else None
     timed = 0
     try:
         with _progress(progress) as bar:
             task = bar.add_task(spec.model, total=len(plan), completed=reused, cell="")
             for r, v in todo:
                 bar.update(task, cell=f"round {r} {v.vid}")
-                cell = _measure_cell(net, v, r, spec, measure)
+                cell = _measure_cell(net, v, r, spec, measure, reference)
                 store.add(cell)
                 timed += 1
                 bar.advance(task)
@@ -461,6 +483,7 @@ def run(
         "wall_s": round(time.perf_counter() - t_start, 3),
         "timed_cells": timed,
         "reused_cells": reused,
+        "pair_noise_floor": _pair_noise(store.cells.values(), spec),
         "cell_wall_s": {
             kind: round(
                 sum(

@@ -20,12 +20,16 @@ n_blocks        int     timed blocks behind the statistics
 median_ms       float   median per-forward time in ms
 iqr_ms          float   its interquartile range in ms
 rel_iqr         float   iqr_ms / median_ms
-noisy           bool    rel_iqr > NOISY_REL_IQR after the one re-measurement
-baseline_ms     float   median of the full net in the same round
-saving_ms       float   baseline_ms - median_ms (paired within the round)
+noisy           bool    the cell's noise (rel. IQR of its per-block ratios to the
+                        interleaved baseline, else rel_iqr) > NOISY_REL_IQR after the
+                        one re-measurement
+baseline_ms     float   the cell's own interleaved baseline (flag ``interleaved``), else
+                        the median of the full net in the same round
+saving_ms       float   baseline_ms - median_ms (paired within the cell or the round)
 saving_pct      float   100 * saving_ms / baseline_ms
-flags           str     ``remeasured``, ``noisy``, ``outlier`` (> 1.5 x the variant's
-                        fastest round), ``baseline-outlier``, joined by ``;``
+flags           str     ``interleaved``, ``remeasured``, ``noisy``, ``outlier`` (> 1.5 x the
+                        variant's fastest round; for interleaved cells, its best ratio to
+                        the baseline), ``baseline-outlier``, joined by ``;``
 widths          str     JSON list of kept channels per edge (random rows; "" otherwise)
 ==============  ======  ==========================================================
 """
@@ -99,7 +103,11 @@ OUTLIER_RATIO: float = 1.5
 
 @dataclass(frozen=True)
 class Cell:
-    """One finished measurement: a variant in a round, its raw per-call times and flags."""
+    """One finished measurement: a variant in a round, its raw per-call times and flags.
+
+    ``ref_times_s`` are the full net's blocks interleaved with this cell's (empty if the cell
+    was not interleaved): the cell's own baseline.
+    """
 
     round: int
     variant: str
@@ -107,6 +115,7 @@ class Cell:
     number: int = 1
     flags: tuple[str, ...] = ()
     wall_s: float = 0.0
+    ref_times_s: tuple[float, ...] = ()
 
     @property
     def key(self) -> tuple[int, str]:
@@ -114,7 +123,9 @@ class Cell:
 
     def result(self, spec: TimingSpec) -> LatencyResult:
         """The measurement as a :class:`LatencyResult` of ``spec`` (for this variant)."""
-        return LatencyResult(spec.for_variant(self.variant), self.times_s, self.number)
+        return LatencyResult(
+            spec.for_variant(self.variant), self.times_s, self.number, self.ref_times_s
+        )
 
     def to_json(self) -> dict:
         return {
@@ -124,6 +135,7 @@ class Cell:
             "number": self.number,
             "flags": list(self.flags),
             "wall_s": self.wall_s,
+            "ref_times_s": list(self.ref_times_s),
         }
 
     @classmethod
@@ -135,6 +147,7 @@ class Cell:
             int(obj["number"]),
             tuple(str(f) for f in obj.get("flags", ())),
             float(obj.get("wall_s", 0.0)),
+            tuple(float(t) for t in obj.get("ref_times_s", ())),
         )
 
     def __str__(self) -> str:
@@ -177,7 +190,8 @@ def build_table(
     """The tidy table of ``cells`` (see the module docstring), sorted by round then variant order.
 
     Cells of variants not in ``variants`` are ignored; a round without a baseline cell is
-    dropped (its savings would have nothing to pair with).
+    dropped (its savings would have nothing to pair with), except for interleaved cells,
+    which carry their own baseline.
     """
     order = {v.vid: i for i, v in enumerate(variants)}
     by_id = {v.vid: v for v in variants}
@@ -189,15 +203,17 @@ def build_table(
     costs = {}
     rows = []
     for c in cells:
-        if c.round not in base:
+        if c.round not in base and not c.ref_times_s:
             continue
         v = by_id[c.variant]
         if v.vid not in costs:
             costs[v.vid] = network_cost(
                 graph, v.narrowed(graph), batch=spec.batch, bytes_per_element=bpe
             )
-        cost, res, b = costs[v.vid], c.result(spec), base[c.round]
-        flags = list(c.flags) + (["noisy"] if res.noisy else [])
+        cost, res = costs[v.vid], c.result(spec)
+        b = res.ref_median_ms if c.ref_times_s else base[c.round]
+        flags = (["interleaved"] if c.ref_times_s else []) + list(c.flags)
+        flags += ["noisy"] if res.noisy else []
         rows.append(
             dict(
                 variant=v.vid,
@@ -227,15 +243,22 @@ def _add_flag(flags: pd.Series, mask: pd.Series, flag: str) -> pd.Series:
     return flags.where(~mask, joined)
 
 
+def _interleaved(df: pd.DataFrame) -> pd.Series:
+    return df["flags"].str.split(";").apply(lambda f: "interleaved" in f)
+
+
 def _flag_outliers(df: pd.DataFrame) -> pd.DataFrame:
-    """Flag ``outlier`` cells (> OUTLIER_RATIO x their variant's fastest round) and
-    ``baseline-outlier`` cells (their round's baseline is an outlier)."""
+    """Flag ``outlier`` cells (> OUTLIER_RATIO x their variant's fastest round; interleaved
+    cells: x its best ratio to the baseline) and ``baseline-outlier`` cells (not interleaved,
+    and their round's baseline is an outlier)."""
     if df.empty:
         return df
-    best = df.groupby("variant")["median_ms"].transform("min")
-    outlier = df["median_ms"] > OUTLIER_RATIO * best
+    paired = _interleaved(df)
+    value = df["median_ms"].where(~paired, df["median_ms"] / df["baseline_ms"])
+    best = value.groupby(df["variant"]).transform("min")
+    outlier = value > OUTLIER_RATIO * best
     bad_rounds = set(df.loc[outlier & (df["kind"] == "baseline"), "round"])
-    bad_base = df["round"].isin(bad_rounds) & (df["kind"] != "baseline")
+    bad_base = df["round"].isin(bad_rounds) & (df["kind"] != "baseline") & ~paired
     df = df.copy()
     df["flags"] = _add_flag(df["flags"], outlier, "outlier")
     df["flags"] = _add_flag(df["flags"], bad_base, "baseline-outlier")
@@ -245,14 +268,18 @@ def _flag_outliers(df: pd.DataFrame) -> pd.DataFrame:
 def gator_frame(table: pd.DataFrame, fraction: float = 0.5) -> pd.DataFrame | None:
     """The table in the original GATOR form: label 0 = full net, label k = edge k-1 at 50 %.
 
-    One row per round (``time_ms`` = that round's median). ``flops_pct`` =
-    100 * FLOPs(variant) / FLOPs(full). Returns ``None`` when some edge has no probe at
-    ``fraction`` (not profiled, or an edge too narrow to halve).
+    One row per round (``time_ms`` = that round's median; for an interleaved cell, its ratio to
+    its own baseline times the median baseline, so machine states cancel as they did in the
+    cell). ``flops_pct`` = 100 * FLOPs(variant) / FLOPs(full). Returns ``None`` when some edge
+    has no probe at ``fraction`` (not profiled, or an edge too narrow to halve).
     """
     base = table[table["kind"] == "baseline"]
     probes = table[(table["kind"] == "edge") & np.isclose(table["width"], fraction)]
     if base.empty:
         return None
+    paired = _interleaved(probes)
+    ratio = probes["median_ms"] / probes["baseline_ms"] * float(base["median_ms"].median())
+    probes = probes.assign(median_ms=probes["median_ms"].where(~paired, ratio))
     full_flops = float(base["flops"].iloc[0])
     n_edges = int(probes["edge"].max()) + 1 if len(probes) else 0
     edges_present = set(probes["edge"].astype(int))

@@ -9,6 +9,11 @@ dtype and memory layout, in eval mode under ``torch.inference_mode()``:
   below 1e-4 and the Timer keeps one statement per block), and ``blocked_autorange`` runs
   ``repeats`` such blocks, topped up if the Timer chose longer ones. The IQR is thus always
   taken over ``repeats`` or more values.
+* **CPU, interleaved** (``interleave``, the CPU default for the profiler): blocks of the timed
+  network alternate with blocks of a reference network (the full-width net), in ABBA order,
+  each block ``perf_counter`` around whole forwards at the spec's thread count. The reference's
+  blocks are the cell's own baseline: a shared or frequency-scaling CPU that switches between a
+  fast and a slow state every few seconds moves both alike, so their ratio stays put.
 * **CUDA, graph replay** (regime ``cuda-graph``, the default): ``warmup`` forwards on a side
   stream (this is also where ``cudnn.benchmark`` autotunes each new shape), capture of one
   forward with ``torch.cuda.graph``, then ``repeats`` blocks of back-to-back replays, each
@@ -19,8 +24,9 @@ dtype and memory layout, in eval mode under ``torch.inference_mode()``:
   runs them, and narrowing a layer saves nothing.
 
 Every per-call time is one block's time divided by the calls in the block. The result keeps
-those raw values; median, IQR and relative IQR are derived from them, and a relative IQR
-above :data:`NOISY_REL_IQR` puts a warning on the result.
+those raw values (and the reference's, when interleaved); median, IQR and relative IQR are
+derived from them. A result's ``noise`` is the relative IQR of its per-block ratios to the
+reference when interleaved, else of its times; above :data:`NOISY_REL_IQR` it warns.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ class TimingSpec:
     min_block_s : shortest block in seconds; short calls are repeated within a block.
     cudnn_benchmark : ``torch.backends.cudnn.benchmark`` while timing.
     tf32 : whether float32 convs may use TF32 tensor cores (``cudnn.allow_tf32``).
+    interleave : time each network in blocks alternating with a reference network's (CPU).
     torch_version : ``torch.__version__``.
     variant : id of the timed network variant (``full`` for the unpruned net).
     """
@@ -113,6 +120,7 @@ class TimingSpec:
     min_block_s: float = 0.05
     cudnn_benchmark: bool = True
     tf32: bool = False
+    interleave: bool = False
     torch_version: str = torch.__version__
     variant: str = "full"
 
@@ -126,6 +134,11 @@ class TimingSpec:
                 raise GatorError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 1:
             raise GatorError(f"warmup must be >= 1 forward, got {self.warmup}")
+        if self.interleave and self.regime != "cpu":
+            raise GatorError(
+                "--interleave is for CPU timing; on CUDA, graph replay is stable without it "
+                "(use --no-interleave or leave it out)"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -155,10 +168,11 @@ class TimingSpec:
 
     def __str__(self) -> str:
         layout = " channels-last" if self.channels_last else ""
+        paired = ", interleaved" if self.interleave else ""
         return (
             f"{self.model} [{self.variant}] b{self.batch} {self.input_size}px "
-            f"{self.dtype}{layout} on {self.device} ({self.device_name}, {self.regime}, "
-            f"{self.threads} threads)"
+            f"{self.dtype}{layout} on {self.device} ({self.device_name}, {self.regime}"
+            f"{paired}, {self.threads} threads)"
         )
 
 
@@ -171,17 +185,21 @@ def _quantiles(times: tuple[float, ...]) -> tuple[float, float, float]:
 class LatencyResult:
     """Raw per-call times of one measurement (seconds, one per timed block) and their stats.
 
-    ``times_s[i]`` is block ``i``'s time divided by ``number`` (calls per block). Statistics are
-    properties, so they always agree with the raw data.
+    ``times_s[i]`` is block ``i``'s time divided by ``number`` (calls per block);
+    ``ref_times_s[i]`` the interleaved reference block next to it (empty if not interleaved).
+    Statistics are properties, so they always agree with the raw data.
     """
 
     spec: TimingSpec
     times_s: tuple[float, ...]
     number: int = 1
+    ref_times_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.times_s:
             raise ValueError("a LatencyResult needs at least one timed block")
+        if self.ref_times_s and len(self.ref_times_s) != len(self.times_s):
+            raise ValueError("interleaved reference blocks must pair one to one with the timed")
 
     @property
     def median_ms(self) -> float:
@@ -203,21 +221,37 @@ class LatencyResult:
         return self.iqr_ms / med if med > 0 else math.inf
 
     @property
+    def ref_median_ms(self) -> float | None:
+        """Median of the interleaved reference's blocks (``None`` if not interleaved)."""
+        return 1e3 * _quantiles(self.ref_times_s)[1] if self.ref_times_s else None
+
+    @property
+    def noise(self) -> float:
+        """Relative IQR of the per-block ratios to the reference if interleaved, else rel_iqr."""
+        if not self.ref_times_s:
+            return self.rel_iqr
+        q1, med, q3 = _quantiles(
+            tuple(t / r for t, r in zip(self.times_s, self.ref_times_s, strict=True))
+        )
+        return (q3 - q1) / med if med > 0 else math.inf
+
+    @property
     def noisy(self) -> bool:
-        return self.rel_iqr > NOISY_REL_IQR
+        return self.noise > NOISY_REL_IQR
 
     @property
     def warnings(self) -> tuple[str, ...]:
         """Noise warnings, derived from the data against the module thresholds."""
         out = []
-        if self.rel_iqr > VERY_NOISY_REL_IQR:
+        what = "of the ratios to the reference" if self.ref_times_s else "of the median"
+        if self.noise > VERY_NOISY_REL_IQR:
             out.append(
-                f"very noisy: IQR is {100 * self.rel_iqr:.1f} % of the median "
+                f"very noisy: IQR is {100 * self.noise:.1f} % {what} "
                 f"(> {100 * VERY_NOISY_REL_IQR:.0f} %); the machine is busy or throttling"
             )
-        elif self.rel_iqr > NOISY_REL_IQR:
+        elif self.noise > NOISY_REL_IQR:
             out.append(
-                f"noisy: IQR is {100 * self.rel_iqr:.1f} % of the median "
+                f"noisy: IQR is {100 * self.noise:.1f} % {what} "
                 f"(> {100 * NOISY_REL_IQR:.0f} %)"
             )
         if len(self.times_s) < 4:
@@ -233,6 +267,8 @@ class LatencyResult:
             f"{self.spec}: median {self.median_ms:.4g} ms, IQR {self.iqr_ms:.3g} ms "
             f"({100 * self.rel_iqr:.2f} %), {len(self.times_s)} blocks x {self.number}"
         )
+        if self.ref_times_s:
+            text += f"; reference {self.ref_median_ms:.4g} ms, ratio noise {100 * self.noise:.2f} %"
         return text + "".join(f"\n  WARNING: {w}" for w in self.warnings)
 
 
@@ -393,11 +429,12 @@ def make_spec(
     warmup: int | None = None,
     repeats: int | None = None,
     min_block_s: float | None = None,
+    interleave: bool | None = None,
 ) -> TimingSpec:
     """Build a :class:`TimingSpec` from user options, resolving the device and its defaults.
 
-    CPU defaults: 3 warm-up calls, 10 blocks of >= 50 ms. CUDA defaults: 5 warm-up forwards,
-    10 blocks of >= 5 ms, graph replay unless ``eager``.
+    CPU defaults: 3 warm-up calls, 10 blocks of >= 50 ms, interleaved with a reference.
+    CUDA defaults: 5 warm-up forwards, 10 blocks of >= 5 ms, graph replay unless ``eager``.
     """
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
@@ -418,6 +455,7 @@ def make_spec(
         min_block_s=min_block_s or (0.005 if on_cuda else 0.05),
         cudnn_benchmark=True,
         tf32=bool(torch.backends.cudnn.allow_tf32) if on_cuda else False,
+        interleave=(not on_cuda) if interleave is None else interleave,
     )
 
 
@@ -429,12 +467,7 @@ def _time_cpu(model: nn.Module, x: torch.Tensor, spec: TimingSpec) -> tuple[list
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.benchmark import Timer
 
-    warm = []
-    for _ in range(spec.warmup):
-        t0 = time.perf_counter()
-        model(x)
-        warm.append(time.perf_counter() - t0)
-    per_call = min(warm)  # robust to a stall (first call, a busy neighbour)
+    per_call = _warm_per_call(model, x, spec.warmup)
     calls = max(1, math.ceil(spec.min_block_s / per_call))  # forwards per timed statement
     timer = Timer(
         stmt="for _ in calls:\n    model(x)",
@@ -452,6 +485,42 @@ def _time_cpu(model: nn.Module, x: torch.Tensor, spec: TimingSpec) -> tuple[list
         more = timer.blocked_autorange(min_run_time=(spec.repeats - len(times)) * block_s)
         times += [t / calls for t in more.times]
     return times, int(number)
+
+
+def _warm_per_call(model: nn.Module, x: torch.Tensor, warmup: int) -> float:
+    warm = []
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        model(x)
+        warm.append(time.perf_counter() - t0)
+    return min(warm)  # robust to a stall (first call, a busy neighbour)
+
+
+def _block(model: nn.Module, x: torch.Tensor, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        model(x)
+    return (time.perf_counter() - t0) / calls
+
+
+def _time_cpu_interleaved(
+    model: nn.Module, reference: nn.Module, x: torch.Tensor, spec: TimingSpec
+) -> tuple[list[float], list[float], int]:
+    """``repeats`` blocks of each network in ABBA order; per-call times of model and reference."""
+    calls = [
+        max(1, math.ceil(spec.min_block_s / _warm_per_call(m, x, spec.warmup)))
+        for m in (model, reference)
+    ]
+    times: list[float] = []
+    ref: list[float] = []
+    for i in range(spec.repeats):
+        if i % 2 == 0:
+            ref.append(_block(reference, x, calls[1]))
+            times.append(_block(model, x, calls[0]))
+        else:
+            times.append(_block(model, x, calls[0]))
+            ref.append(_block(reference, x, calls[1]))
+    return times, ref, calls[0]
 
 
 def _time_cuda(
@@ -511,13 +580,17 @@ def _prepare(model: nn.Module, spec: TimingSpec, seed: int) -> tuple[nn.Module, 
     return model, x.contiguous(memory_format=spec.memory_format)
 
 
-def time_model(model: nn.Module, spec: TimingSpec, *, seed: int = 0) -> LatencyResult:
+def time_model(
+    model: nn.Module, spec: TimingSpec, *, seed: int = 0, reference: nn.Module | None = None
+) -> LatencyResult:
     """Time whole forwards of ``model`` under ``spec``'s protocol (see the module docstring).
 
-    ``model`` is moved to the spec's device, dtype and memory format in place and its
-    parameters stop requiring grad; pass a copy you own (``slim`` returns one). It runs in eval
-    mode under ``torch.inference_mode()``, with ``spec.threads`` threads and
-    ``cudnn.benchmark = spec.cudnn_benchmark``; all of that is restored afterwards.
+    ``model`` (and ``reference``) are moved to the spec's device, dtype and memory format in
+    place and their parameters stop requiring grad; pass copies you own (``slim`` returns one).
+    They run in eval mode under ``torch.inference_mode()``, with ``spec.threads`` threads and
+    ``cudnn.benchmark = spec.cudnn_benchmark``; all of that is restored afterwards. With a
+    ``reference`` and ``spec.interleave``, blocks of the two alternate and the result carries
+    the reference's times too.
 
     Returns
     -------
@@ -525,6 +598,10 @@ def time_model(model: nn.Module, spec: TimingSpec, *, seed: int = 0) -> LatencyR
         ``spec`` with ``repeats`` or more per-call times in seconds.
     """
     model, x = _prepare(model, spec, seed)
+    paired = reference is not None and spec.interleave
+    if paired:
+        reference, _ = _prepare(reference, spec, seed)
+    ref: list[float] = []
     with (
         torch_settings(
             threads=spec.threads,
@@ -532,10 +609,15 @@ def time_model(model: nn.Module, spec: TimingSpec, *, seed: int = 0) -> LatencyR
             grad_enabled=False,
             model=model,
         ),
+        torch_settings(model=reference if paired else None),
         torch.inference_mode(),
     ):
-        if spec.regime == "cpu":
+        if paired:
+            times, ref, number = _time_cpu_interleaved(model, reference, x, spec)
+        elif spec.regime == "cpu":
             times, number = _time_cpu(model, x, spec)
         else:
             times, number = _time_cuda(model, x, spec, graph=spec.regime == "cuda-graph")
-    return LatencyResult(spec, tuple(float(t) for t in times), number)
+    return LatencyResult(
+        spec, tuple(float(t) for t in times), number, tuple(float(t) for t in ref)
+    )
