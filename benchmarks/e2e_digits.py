@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from gator_hw.config import GatingConfig, write_config
@@ -58,6 +58,13 @@ def train_base(out: Path, epochs: int, seed: int) -> tuple[Path, float]:
     return path, accuracy(model, vl)
 
 
+def base_accuracy(weights: Path, seed: int) -> float:
+    """Validation accuracy of saved unpruned weights."""
+    model = build_model("resnet20", 10, seed=seed)
+    model.load_state_dict(load_file(str(weights)))
+    return accuracy(model, DataLoader(load_data("digits", 32, seed=seed).val, 256))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/gator_e2e_digits"))
@@ -65,6 +72,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=None, help="gating config (default: FLOPs)")
     ap.add_argument("--base-epochs", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=30, help="pruning + fine-tuning epochs")
+    ap.add_argument("--base-weights", type=Path, default=None,
+                    help="reuse an unpruned model (skips step 1; its val acc is re-measured)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -72,7 +81,10 @@ def main() -> None:
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
     t0 = time.perf_counter()
-    weights, base_acc = train_base(a.out, a.base_epochs, a.seed)
+    if a.base_weights is None:
+        weights, base_acc = train_base(a.out, a.base_epochs, a.seed)
+    else:
+        weights, base_acc = a.base_weights, base_accuracy(a.base_weights, a.seed)
     t1 = time.perf_counter()
     cfg = a.config or write_config(
         GatingConfig("flop_factor", criteria_weight=1.0, gradient_multiplier=0.2,
