@@ -14,7 +14,12 @@ CUDA::
     # profiles/<gpu>/ (profiles/h100/ on an H100). Goal: the edge + baseline cells in < 3 min
     # per table with baseline IQR / median <= 2 %.
 
-Each case starts fresh (an old resume file of the same table is deleted first).
+On CPU each case starts fresh (an old resume file of the same table is deleted first), so
+the wall time is the whole profile's. On CUDA a case resumes from its resume file unless
+``--fresh``: on a lent GPU with a time limit, run it under ``timeout`` with ``--out-dir`` in the
+folder that comes back, e.g. ``timeout 540 python benchmarks/bench_profile.py --device cuda
+--out-dir $OUT/h100``; every finished cell is already on disk when the limit hits, and the same
+command with that folder's files put back under ``--out-dir`` times only what is left.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from pathlib import Path
 from gator_hw.profile.runner import ProfileRequest, ProfileResult, cells_path, default_out, run
 
 
-def _case(request: ProfileRequest, out: Path) -> ProfileResult:
-    cells_path(out).unlink(missing_ok=True)
+def _case(request: ProfileRequest, out: Path, *, fresh: bool = True) -> ProfileResult:
+    if fresh:
+        cells_path(out).unlink(missing_ok=True)
     t0 = time.perf_counter()
     result = run(request, out, progress=True)
     wall = time.perf_counter() - t0
@@ -63,6 +69,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default torch's; 1 on a shared box)"
     )
+    parser.add_argument(
+        "--fresh", action="store_true", help="on CUDA, delete resume files first (CPU always does)"
+    )
     args = parser.parse_args()
 
     if args.device == "cpu":
@@ -92,7 +101,7 @@ def main() -> None:
         out = default_out(request.spec)
         if args.out_dir is not None:
             out = args.out_dir / out.name
-        _case(request, out)
+        _case(request, out, fresh=args.fresh)
 
 
 if __name__ == "__main__":
