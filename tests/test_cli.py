@@ -72,10 +72,12 @@ def test_make_config_validate_plot_commands(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     assert len(json.loads(cfg.read_text())["edge_multipliers"]) == 12
     r = runner.invoke(app, ["validate", "--model-file", str(cm), "--json-out",
-                            str(tmp_path / "v.json")])
+                            str(tmp_path / "v.json"), "--splits", "2"])
     assert r.exit_code == 0, r.output
-    scores = json.loads((tmp_path / "v.json").read_text())["scores"]
+    doc = json.loads((tmp_path / "v.json").read_text())
+    scores = doc["scores"]
     assert [s["predictor"] for s in scores] == ["cost model", "flops_linear", "gator_additive"]
+    assert doc["repeated"]["splits"] == 2 and "mean over 2 random holdouts" in r.output
     r = runner.invoke(app, ["plot", "--tables", str(table), "--model-file", str(cm), "--out",
                             str(tmp_path / "plots")])
     assert r.exit_code == 0, r.output

@@ -13,7 +13,7 @@ from gator_hw.config import read_config
 from gator_hw.costmodel.dataset import load_samples
 from gator_hw.costmodel.make import make_config
 from gator_hw.costmodel.model import _estimator, fit_cost_model, holdout_mask, load_cost_model
-from gator_hw.costmodel.validate import score, validate
+from gator_hw.costmodel.validate import repeated_holdout, score, validate
 from gator_hw.errors import GatorError
 from tests.conftest import cached_network
 from tests.synthetic import true_latency_ms, write_synthetic_table
@@ -183,3 +183,31 @@ def test_padding_features_against_hand_counts() -> None:
     y = fm.layer(w)[0]
     assert y[names.index("flops_pad32")] > x[names.index("flops_pad32")]
     assert y[names.index("flops_pad8")] > x[names.index("flops_pad8")]
+
+
+def test_repeated_holdout_refits_each_split(table) -> None:
+    graph = cached_network("resnet18", 32).graph
+    rep = repeated_holdout([table], graph, splits=2, method="ridge")
+    assert rep.splits == 2 and rep.chosen == {"ridge": 2}
+    s = load_samples([table], graph)
+    for seed in range(2):
+        alone, _ = validate(fit_cost_model([table], graph, method="ridge", holdout_seed=seed), s)
+        assert [x.as_dict() for x in alone] == [rep.runs[x.predictor][seed].as_dict()
+                                                for x in alone]
+    ours = rep.runs["cost model"]
+    assert rep.mean("cost model")["mape"] == pytest.approx((ours[0].mape + ours[1].mape) / 2)
+    assert rep.mean("cost model")["abs_bias"] == pytest.approx(
+        (abs(ours[0].mean_signed) + abs(ours[1].mean_signed)) / 2)
+    for base in ("flops_linear", "gator_additive"):
+        want = sum(o.at_least_as_good_as(b) for o, b in zip(ours, rep.runs[base], strict=True))
+        assert rep.wins[base] == want
+    assert rep.runs["cost model"][0].mape != rep.runs["cost model"][1].mape  # other halves
+    with pytest.raises(GatorError, match="splits"):
+        repeated_holdout([table], graph, splits=0)
+
+
+def test_at_least_as_good_compares_every_metric() -> None:
+    a = score("a", np.array([10.0, 20.0, 40.0]), np.array([10.5, 19.5, 40.0]))
+    b = score("b", np.array([10.0, 20.0, 40.0]), np.array([12.0, 18.0, 41.0]))
+    assert a.at_least_as_good_as(b) and not b.at_least_as_good_as(a)
+    assert a.at_least_as_good_as(a)

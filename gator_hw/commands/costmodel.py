@@ -13,7 +13,7 @@ from gator_hw.commands.common import InputSize, console
 from gator_hw.config import GatingConfig, write_config
 from gator_hw.costmodel.make import METHODS, make_config, table_context
 
-__all__ = ["register"]
+__all__ = ["print_repeated", "register"]
 
 Timing = Annotated[
     list[Path],
@@ -35,6 +35,22 @@ def _print_scores(scores) -> None:
         t.add_row(s.predictor, str(s.n), f"{s.mape:.2f}", f"{s.within5:.0f}", f"{s.within10:.0f}",
                   f"{s.spearman:.3f}", f"{s.mean_signed:+.2f}", f"{s.worst:.2f}")
     console.print(t)
+
+
+def print_repeated(rep) -> None:
+    t = Table(title=f"mean over {rep.splits} random holdouts, each refitted "
+                    f"(chosen: {', '.join(f'{k} x{v}' for k, v in rep.chosen.most_common())})")
+    for col in ("predictor", "MAPE%", "±5%", "±10%", "rho", "bias%", "|bias|%", "worst%"):
+        t.add_column(col, justify="left" if col == "predictor" else "right", no_wrap=True)
+    for name in rep.runs:
+        m = rep.mean(name)
+        t.add_row(name, f"{m['mape']:.2f}", f"{m['within5']:.0f}", f"{m['within10']:.0f}",
+                  f"{m['spearman']:.3f}", f"{m['mean_signed']:+.2f}", f"{m['abs_bias']:.2f}",
+                  f"{m['worst']:.2f}")
+    console.print(t)
+    for base, n in rep.wins.items():
+        console.print(f"cost model at least as good as {base} on every metric: "
+                      f"{n}/{rep.splits} splits")
 
 
 def register(app: typer.Typer) -> None:
@@ -86,13 +102,16 @@ def register(app: typer.Typer) -> None:
             help="Tables holding the held-out random nets (default: the model's own).")] = None,
         json_out: Annotated[Path | None, typer.Option(
             help="Also write the scores and predictions as JSON.")] = None,
+        splits: Annotated[int, typer.Option(
+            min=1, help="Also refit on N seeded random holdouts and report mean scores "
+                        "(one split of a few dozen nets is noisy).")] = 1,
     ) -> None:
         """Score the cost model, FLOPs-linear and the original additive model on held-out nets."""
         import json
 
         from gator_hw.costmodel.dataset import load_samples
         from gator_hw.costmodel.model import load_cost_model
-        from gator_hw.costmodel.validate import validate
+        from gator_hw.costmodel.validate import repeated_holdout, validate
         from gator_hw.network import load_network
 
         doc = json.loads(model_file.read_text())
@@ -104,7 +123,12 @@ def register(app: typer.Typer) -> None:
         console.print(f"{net.name} on {ctx.get('device', '?')}, batch {ctx.get('batch')}, "
                       f"{ctx.get('dtype')}: cost model {cm.method}")
         _print_scores(scores)
+        rep = None
+        if splits > 1:
+            rep = repeated_holdout(paths, net.graph, splits=splits)
+            print_repeated(rep)
         if json_out is not None:
             write_json(json_out, {"scores": [s.as_dict() for s in scores], **detail,
-                                  "context": ctx, "method": cm.method})
+                                  "context": ctx, "method": cm.method,
+                                  "repeated": rep.as_dict() if rep else None})
             console.print(f"scores written to {json_out}")

@@ -9,17 +9,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 from sklearn.linear_model import LinearRegression
 
-from gator_hw.costmodel.dataset import Samples
-from gator_hw.costmodel.model import CostModel
+from gator_hw.costmodel.dataset import Samples, load_samples
+from gator_hw.costmodel.model import CostModel, fit_cost_model
 from gator_hw.errors import GatorError
+from gator_hw.graph.hypergraph import HyperGraph
 
-__all__ = ["Scores", "additive_predict", "score", "validate"]
+__all__ = ["RepeatedScores", "Scores", "additive_predict", "repeated_holdout", "score", "validate"]
+
+METRICS = ("mape", "within5", "within10", "spearman", "mean_signed", "worst")
+BASELINES = ("flops_linear", "gator_additive")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,12 @@ class Scores:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def at_least_as_good_as(self, other: Scores) -> bool:
+        """No worse than ``other`` on every metric (|mean signed error| for the bias)."""
+        return (self.mape <= other.mape and self.within5 >= other.within5
+                and self.within10 >= other.within10 and self.spearman >= other.spearman
+                and abs(self.mean_signed) <= abs(other.mean_signed) and self.worst <= other.worst)
 
 
 def score(name: str, measured: np.ndarray, predicted: np.ndarray) -> Scores:
@@ -105,3 +118,58 @@ def validate(model: CostModel, samples: Samples) -> tuple[list[Scores], dict]:
         **{f"predicted_ms:{k}": v.tolist() for k, v in preds.items()},
     }
     return scores, detail
+
+
+@dataclass(frozen=True)
+class RepeatedScores:
+    """``validate`` over several random holdouts, each with the whole fit (selection included).
+
+    ``runs[predictor]`` holds one :class:`Scores` per split; ``chosen`` counts the candidate
+    each fit picked; ``wins[baseline]`` the splits where the cost model was at least as good
+    as that baseline on every metric.
+    """
+
+    runs: dict[str, list[Scores]]
+    chosen: Counter = field(default_factory=Counter)
+    wins: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> int:
+        return len(next(iter(self.runs.values()))) if self.runs else 0
+
+    def mean(self, predictor: str) -> dict[str, float]:
+        """Mean of every metric over the splits, plus ``abs_bias`` (mean |signed error|)."""
+        runs = self.runs[predictor]
+        out = {m: float(np.mean([getattr(s, m) for s in runs])) for m in METRICS}
+        out["abs_bias"] = float(np.mean([abs(s.mean_signed) for s in runs]))
+        return out
+
+    def as_dict(self) -> dict:
+        return {"splits": self.splits, "chosen": dict(self.chosen), "wins": self.wins,
+                "mean": {p: self.mean(p) for p in self.runs}}
+
+
+def repeated_holdout(
+    tables: Sequence[str | Path], graph: HyperGraph, *, splits: int = 10, method: str = "auto",
+    holdout: float = 0.5,
+) -> RepeatedScores:
+    """Refit on ``splits`` seeded random halves of the random nets and validate each.
+
+    One split of 20-30 held-out nets is noisy; the spread over splits says how much.
+    """
+    if splits < 1:
+        raise GatorError(f"--splits must be >= 1, got {splits}")
+    samples = load_samples(tables, graph)
+    runs: dict[str, list[Scores]] = {}
+    chosen: Counter = Counter()
+    wins = dict.fromkeys(BASELINES, 0)
+    for seed in range(splits):
+        cm = fit_cost_model(tables, graph, method=method, holdout=holdout, holdout_seed=seed)
+        chosen[cm.method] += 1
+        scores, _ = validate(cm, samples)
+        by = {s.predictor: s for s in scores}
+        for s in scores:
+            runs.setdefault(s.predictor, []).append(s)
+        for base in BASELINES:
+            wins[base] += by["cost model"].at_least_as_good_as(by[base])
+    return RepeatedScores(runs, chosen, wins)
