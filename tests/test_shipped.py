@@ -1,0 +1,43 @@
+"""The shipped profile tables, configs and cost models agree with each other and the models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gator_hw.config import read_config
+from gator_hw.costmodel.model import load_cost_model
+from gator_hw.network import load_network
+from gator_hw.profile.tables import read_table, sidecar_path
+
+ROOT = Path(__file__).resolve().parents[1]
+COST_MODELS = sorted((ROOT / "cfg").glob("*.costmodel.json"))
+TABLES = sorted(p for p in (ROOT / "profiles").glob("*/*.csv") if not p.stem.endswith("_gator"))
+
+
+def test_something_is_shipped() -> None:
+    assert COST_MODELS and TABLES
+
+
+@pytest.mark.parametrize("table", TABLES, ids=lambda p: p.stem)
+def test_shipped_table_loads_against_its_model(table: Path) -> None:
+    meta = json.loads(sidecar_path(table).read_text())
+    net = load_network(meta["model"], input_size=meta["input_size"])
+    df = read_table(table, net.graph)
+    assert meta["n_edges"] == net.graph.n_edges and (df["kind"] == "baseline").any()
+    assert meta["device"]["device_name"] and meta["regime"] in ("cpu", "cuda-graph", "cuda-eager")
+
+
+@pytest.mark.parametrize("path", COST_MODELS, ids=lambda p: p.stem)
+def test_shipped_config_matches_its_refitted_cost_model(path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # table paths are recorded relative to the repository
+    doc = json.loads(path.read_text())
+    net = load_network(doc["model"], input_size=doc["input_shape"][-1])
+    cm = load_cost_model(path, net.graph)  # re-reads the tables, checks their hashes, refits
+    cfg = read_config(path.with_name(path.name.replace(".costmodel.json", ".json")))
+    assert len(cfg.edge_multipliers) == net.graph.n_edges
+    assert cm.multipliers() == pytest.approx(doc["multipliers"], rel=1e-6)
+    assert cfg.edge_multipliers == pytest.approx(doc["multipliers"], rel=1e-6)
+    assert cfg.provenance["tables"] == doc["tables"]
