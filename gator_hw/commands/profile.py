@@ -34,8 +34,13 @@ def print_summary(result: ProfileResult, top: int = 10) -> None:
         f"{result.timed} cells timed, {result.reused} reused, {meta['wall_s']:.1f} s; "
         f"regime: {meta['regime_note']}"
     )
+    pair = meta.get("pair_noise_floor")
+    pair_text = (
+        f"; interleaved ratio noise (median IQR / median): {100 * pair:.2f} %"
+        if pair is not None else ""
+    )
     console.print(
-        f"noise floor (baseline IQR / median): {100 * result.noise_floor:.2f} %; "
+        f"noise floor (baseline IQR / median): {100 * result.noise_floor:.2f} %{pair_text}; "
         f"baseline {meta['baseline_median_ms']:.4g} ms"
     )
     for w in result.warnings:
