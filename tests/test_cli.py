@@ -109,3 +109,23 @@ def test_edges_with_a_profile_adds_latency(tmp_path) -> None:
     assert None not in savings
     stem = next(e for e in rows if e["name"] == "conv1+2")  # 35 % of the FLOPs, 3x per FLOP
     assert stem["latency_saving_pct"] == max(savings) > 10
+
+
+def test_make_config_warns_when_flops_is_the_best_model(tmp_path, monkeypatch) -> None:
+    import tests.synthetic as syn
+    from gator_hw.costmodel.features import FeatureMap
+    from tests.conftest import cached_network
+
+    def flops_law(net, widths):
+        return 0.5 + 3.0 * FeatureMap(net.graph, syn.BATCH).flops(widths) / 1e9
+
+    monkeypatch.setattr(syn, "true_latency_ms", flops_law)
+    table = syn.write_synthetic_table(tmp_path / "f.csv", cached_network("resnet18", 32),
+                                      fractions=(0.5,), random_nets=12, noise=0.02)
+    r = runner.invoke(app, ["make-config", "--timing", str(table), "--out",
+                            str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert "cost model: flops_linear" in r.output
+    assert "no candidate predicted this table better than FLOPs" in r.output
+    mu = json.loads((tmp_path / "c.json").read_text())["edge_multipliers"]
+    assert max(mu) - min(mu) < 1e-9

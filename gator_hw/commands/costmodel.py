@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from gator_hw.atomic import write_json
-from gator_hw.commands.common import InputSize, console
+from gator_hw.commands.common import InputSize, console, err_console
 from gator_hw.config import GatingConfig, write_config
 from gator_hw.costmodel.make import METHODS, make_config, table_context
 
@@ -35,6 +35,17 @@ def _print_scores(scores) -> None:
         t.add_row(s.predictor, str(s.n), f"{s.mape:.2f}", f"{s.within5:.0f}", f"{s.within10:.0f}",
                   f"{s.spearman:.3f}", f"{s.mean_signed:+.2f}", f"{s.worst:.2f}")
     console.print(t)
+
+
+def _noise_floor(table: Path) -> float | None:
+    import json
+
+    from gator_hw.profile.tables import sidecar_path
+
+    try:
+        return float(json.loads(sidecar_path(table).read_text())["noise_floor"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def print_repeated(rep) -> None:
@@ -87,6 +98,15 @@ def register(app: typer.Typer) -> None:
             cv = ", ".join(f"{k} {v:.2f}%" for k, v in sorted(cm.cv_mape.items(),
                                                                 key=lambda kv: kv[1]))
             console.print(f"cost model: [bold]{cm.method}[/] (grouped-CV MAPE: {cv})")
+            if cm.method == "flops_linear" and len(cm.cv_mape) > 1:
+                floor = _noise_floor(timing[0])
+                noise = f" (noise floor {100 * floor:.1f} %)" if floor else ""
+                err_console.print(
+                    "[yellow]warning:[/] no candidate predicted this table better than "
+                    f"FLOPs{noise}, so every edge gets the same multiplier; profile with more "
+                    "--rounds, --threads 1 or a larger batch for a cleaner table",
+                    highlight=False, soft_wrap=True,
+                )
             if model_out is not None:
                 console.print(f"cost model saved to {cm.save(model_out)}")
         mu = result.config.edge_multipliers or []
