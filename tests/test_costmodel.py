@@ -7,14 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 
 from gator_hw.config import read_config
 from gator_hw.costmodel.dataset import load_samples
+from gator_hw.costmodel.features import FeatureMap
 from gator_hw.costmodel.make import make_config
 from gator_hw.costmodel.model import _estimator, fit_cost_model, holdout_mask, load_cost_model
 from gator_hw.costmodel.validate import repeated_holdout, score, validate
 from gator_hw.errors import GatorError
+from gator_hw.slim import slim
 from tests.conftest import cached_network
 from tests.synthetic import true_latency_ms, write_synthetic_table
 
@@ -155,7 +158,7 @@ def test_make_config_bad_input(table, tmp_path: Path) -> None:
 
 
 def test_padding_features_against_hand_counts() -> None:
-    from gator_hw.costmodel.features import FeatureMap, padded_excess
+    from gator_hw.costmodel.features import padded_excess
 
     g = cached_network("resnet18", 32).graph
     fm = FeatureMap(g, batch=2)
@@ -176,13 +179,56 @@ def test_padding_features_against_hand_counts() -> None:
     for m in (8, 16, 32, 64):
         want = f_stem * (m / 3 - 1) + f_fc * (np.ceil(1000 / m) * m / 1000 - 1)
         assert x[names.index(f"flops_pad{m}")] == pytest.approx(want, rel=1e-12)
-    # narrowing one edge to 20 channels pads every conv reading or writing it up to 32 on that side
-    w = full.copy()
-    e = g.edges[-1].gid
-    w[0, e] = 20
-    y = fm.layer(w)[0]
-    assert y[names.index("flops_pad32")] > x[names.index("flops_pad32")]
-    assert y[names.index("flops_pad8")] > x[names.index("flops_pad8")]
+    # brute force on the real slimmed networks
+    for widths in ({}, {g.edges[-1].gid: 20, g.edges[0].gid: 13}):
+        w = full.copy()
+        for e, k in widths.items():
+            w[0, e] = k
+        model = slim(cached_network("resnet18", 32).model, g, g.first_channels_plan(widths))
+        want = _padded_flops_brute_force(model, torch.zeros(2, 3, 32, 32))
+        got = fm.layer(w)[0]
+        for m, v in want.items():
+            assert got[names.index(f"flops_pad{m}")] * 1e9 == pytest.approx(v, rel=1e-9)
+
+
+def test_padding_features_of_depthwise_nets_against_brute_force() -> None:
+    net = cached_network("mobilenet_v2", 32)
+    g = net.graph
+    fm = FeatureMap(g, batch=2)
+    names = fm.layer_names()
+    rng = np.random.default_rng(0)
+    widths = {e.gid: int(rng.integers(1, e.channels + 1)) for e in g.edges}
+    w = np.array([[widths[e.gid] for e in g.edges]])
+    want = _padded_flops_brute_force(slim(net.model, g, g.first_channels_plan(widths)),
+                                     torch.zeros(2, 3, 32, 32))
+    got = fm.layer(w)[0]
+    for m, v in want.items():
+        assert got[names.index(f"flops_pad{m}")] * 1e9 == pytest.approx(v, rel=1e-9)
+
+
+def _padded_flops_brute_force(model: torch.nn.Module, x: torch.Tensor) -> dict[int, float]:
+    """Every conv / linear's FLOPs (from its output and weight shapes) times the padding excess
+    of its real channel counts, summed."""
+    out: dict[int, float] = {m: 0.0 for m in (8, 16, 32, 64)}
+
+    def hook(mod, inp, y):
+        c_in, c_out = mod.weight.shape[1] * getattr(mod, "groups", 1), mod.weight.shape[0]
+        flops = 2.0 * y.numel() * mod.weight[0].numel()
+        depthwise = getattr(mod, "groups", 1) == c_in == c_out > 1
+        for m in out:
+            if depthwise:  # each channel on its own: only the channel count is padded
+                pad = np.ceil(c_out / m) * m / c_out
+            else:
+                pad = np.ceil(c_in / m) * m * np.ceil(c_out / m) * m / (c_in * c_out)
+            out[m] += flops * (pad - 1.0)
+
+    handles = [mod.register_forward_hook(hook) for mod in model.modules()
+               if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return out
 
 
 def test_repeated_holdout_refits_each_split(table) -> None:
