@@ -612,7 +612,8 @@ class _Trainer:
             met,
             gates,
             time.perf_counter() - t0,
-            gate_speed=self.controller.speed if self.controller is not None else 1.0,
+            gate_speed=(self.controller.speed
+                        if self.controller is not None and self.gates_training else 1.0),
         )
 
 
