@@ -536,8 +536,21 @@ def test_time_model_cuda(eager):
     spec = make_spec("conv", device="cuda", batch=4, input_size=32, eager=eager, repeats=5)
     assert spec.regime == ("cuda-eager" if eager else "cuda-graph")
     res = time_model(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU()), spec)
-    assert len(res.times_s) == 5 and res.median_ms > 0
+    assert len(res.times_s) == 5 and res.median_ms > 0 and not spec.interleave
     assert device_info(spec)["cudnn"] is not None
+
+
+def test_cuda_specs_replay_graphs_without_interleaving(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    spec = make_spec("resnet50", device="cuda", batch=32, input_size=224)
+    assert spec.regime == "cuda-graph" and not spec.interleave and spec.device == "cuda:0"
+    assert default_out(spec) == Path("profiles/h100/resnet50_b32_float32.csv")
+    assert make_spec("m", device="cuda", input_size=8, eager=True).regime == "cuda-eager"
+    with pytest.raises(GatorError, match="--interleave is for CPU"):
+        make_spec("m", device="cuda", input_size=8, interleave=True)
 
 
 @cuda
