@@ -57,12 +57,20 @@ class LatencyComparison:
         return ratios[len(ratios) // 2]
 
     @property
+    def ratio_range(self) -> tuple[float, float]:
+        """Smallest and largest per-round latency ratio (how much the rounds disagree)."""
+        ratios = [c / o for o, c in zip(self.original_ms, self.converted_ms, strict=True)]
+        return min(ratios), max(ratios)
+
+    @property
     def speedup(self) -> float:
         return 1.0 / self.latency_ratio
 
     def __str__(self) -> str:
+        lo, hi = self.ratio_range
         return (f"FLOPs ratio {self.flops_ratio:.3f}, latency ratio {self.latency_ratio:.3f} "
-                f"(speed-up {self.speedup:.2f}x) on {self.spec.device_name}")
+                f"(rounds {lo:.3f}-{hi:.3f}; speed-up {self.speedup:.2f}x) on "
+                f"{self.spec.device_name}")
 
 
 def compare_latency(original: nn.Module, converted: nn.Module, spec: TimingSpec, *,

@@ -80,6 +80,8 @@ def test_bench_reports_flops_and_latency_ratios(run_dir: Path, tmp_path: Path) -
     assert len(cmp.original_ms) == len(cmp.converted_ms) == 2
     assert cmp.latency_ratio > 0 and cmp.speedup == pytest.approx(1 / cmp.latency_ratio)
     assert "FLOPs ratio 0.500" in str(cmp)
+    lo, hi = cmp.ratio_range
+    assert lo <= cmp.latency_ratio <= hi and f"rounds {lo:.3f}-{hi:.3f}" in str(cmp)
     assert r.net.model.training is False and next(r.net.model.parameters()).requires_grad
     out = tmp_path / "pruned"
     assert CliRunner().invoke(app, ["convert", str(run_dir), "--out", str(out)]).exit_code == 0
