@@ -322,17 +322,7 @@ class BudgetController:
 
         error = expected / target - 1                    (continuous, moves before masks do)
         if kept > target: error = max(error, 0.25 * (kept / target - 1))  (keep pushing)
-        lambda <- clip(lambda * exp((1 - speed_share) * gain * error), lambda_min, lambda_max)
-        speed  <- clip(speed * exp(speed_share * gain * error), 1, speed_max)
-
-    ``lambda`` sets the balance between the task and the cost; ``speed`` multiplies the gate
-    logits' learning rate. Gates start far from zero (logit(0.995) = 5.3); when a run has few
-    steps for the config's ``gradient_multiplier`` they barely move, and if lambda alone took
-    up the slack it would grow until the cost swamps the task loss and most gates close in
-    one step, picked by cost alone (measured on digits: lambda 161, validation accuracy 9.7 %
-    in that epoch). Sharing the push with the gates' speed (which only grows, and only until
-    the budget is met) keeps lambda far lower (7 in that run; the worst epoch kept 46.7 %), so
-    the task loss has more say in which channels go.
+        lambda <- clip(lambda * exp(gain * error), lambda_min, lambda_max)
 
     The budget is *met* once ``kept <= target``; masks are permanent, so it then holds. From
     then on the returned lambda is 0 (no more cost pressure); after ``hold_steps`` further
@@ -350,19 +340,14 @@ class BudgetController:
         Log-change of lambda per step at 100 % relative error.
     hold_steps : int
         Steps the budget must stay met before gate training stops.
-    speed_share : float
-        Share of each log-step taken by the gates' speed instead of lambda (0: lambda only).
     """
 
     target: BudgetTarget
     lam: float
     gain: float = 0.02
     hold_steps: int = 100
-    speed_share: float = 0.5
     lam_min: float = 1e-4
     lam_max: float = 1e4
-    speed_max: float = 1e3
-    speed: float = 1.0
     met_steps: int = 0
     done: bool = False
     history: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
@@ -377,12 +362,7 @@ class BudgetController:
         else:
             self.met_steps += 1
             self.done = self.done or self.met_steps >= self.hold_steps
-        step = self.gain * error
-        self.lam = min(max(self.lam * math.exp((1.0 - self.speed_share) * step), self.lam_min),
-                       self.lam_max)
-        if not self.met:
-            self.speed = min(max(self.speed * math.exp(self.speed_share * step), 1.0),
-                             self.speed_max)
+        self.lam = min(max(self.lam * math.exp(self.gain * error), self.lam_min), self.lam_max)
         self.history = (self.history + [(expected, kept, self.lam)])[-1000:]
         return 0.0 if self.met else self.lam
 
@@ -392,16 +372,13 @@ class BudgetController:
 
     def state_dict(self) -> dict[str, float | int | bool]:
         """JSON-ready state (for checkpoints)."""
-        return {"lam": self.lam, "speed": self.speed, "met_steps": self.met_steps,
-                "done": self.done}
+        return {"lam": self.lam, "met_steps": self.met_steps, "done": self.done}
 
     def load_state_dict(self, state: Mapping[str, float | int | bool]) -> None:
         self.lam = float(state["lam"])
-        self.speed = float(state.get("speed", 1.0))
         self.met_steps = int(state["met_steps"])
         self.done = bool(state["done"])
 
     def __str__(self) -> str:
         state = "done" if self.done else ("met" if self.met else "pushing")
-        return (f"BudgetController({self.target}, lambda={self.lam:.4g}, gate speed "
-                f"{self.speed:.3g}x, {state})")
+        return f"BudgetController({self.target}, lambda={self.lam:.4g}, {state})"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -196,44 +195,6 @@ def test_budget_controller_pushes_then_holds():
     d = BudgetController(BudgetTarget("flops", 0.5), lam=1.0)
     d.load_state_dict(c.state_dict())
     assert d.state_dict() == c.state_dict()
-
-
-def test_budget_controller_shares_the_push_with_gate_speed():
-    target = BudgetTarget("flops", 0.5)
-    alone = BudgetController(target, lam=1.0, speed_share=0.0)
-    shared = BudgetController(target, lam=1.0, speed_share=0.5)
-    for expected, kept in [(0.99, 1.0)] * 50 + [(0.7, 0.8)] * 20:
-        alone.update(expected, kept)
-        shared.update(expected, kept)
-        # the same total push (lambda x gate speed), half of it in each
-        assert shared.lam * shared.speed == pytest.approx(alone.lam)
-        assert shared.lam == pytest.approx(alone.lam**0.5) and alone.speed == 1.0
-    speed = shared.speed
-    assert speed > 1.5
-    assert shared.update(0.4, 0.45) == 0.0  # met: no more cost, the gates keep their speed
-    assert shared.met and shared.speed == speed
-    fresh = BudgetController(target, lam=1.0)
-    fresh.load_state_dict({"lam": 2.0, "met_steps": 0, "done": False})  # older checkpoints
-    assert fresh.speed == 1.0
-
-
-def test_gate_groups_run_at_the_controller_speed():
-    from types import SimpleNamespace
-
-    from gator_hw.train.loop import TrainSettings, _Trainer
-
-    w, theta = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
-    opt = torch.optim.SGD([{"params": [w], "lr_scale": 1.0},
-                           {"params": [theta], "lr_scale": 4.0, "edge": 0}], lr=0.1)
-    ctrl = BudgetController(BudgetTarget("flops", 0.5), lam=1.0)
-    ctrl.speed = 3.0
-    s = TrainSettings("resnet20", Path("c.json"), lr=0.1, weight_decay=1e-4, schedule="step")
-    fake = SimpleNamespace(s=s, step=0, steps_per_epoch=10, controller=ctrl, optimizer=opt)
-    base = _Trainer._set_lr(fake)
-    assert opt.param_groups[0]["lr"] == pytest.approx(base)
-    assert opt.param_groups[1]["lr"] == pytest.approx(base * 4.0 * 3.0)
-    assert opt.param_groups[1]["lr"] * opt.param_groups[1]["weight_decay"] == pytest.approx(
-        base * 1e-4)
 
 
 def test_gate_param_groups_scale_lr_by_inverse_weight(tiny):

@@ -134,7 +134,6 @@ class EpochRow:
     gates: str
     seconds: float
     notes: list[str] = field(default_factory=list)
-    gate_speed: float = 1.0
 
     def csv_row(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k not in ("kept", "fractions", "notes")}
@@ -147,8 +146,7 @@ class EpochRow:
         return (
             f"epoch {self.epoch}: val acc {100 * self.val_acc:.2f}% "
             f"(train {100 * self.train_acc:.2f}%), "
-            f"ce {self.ce:.4f}, cost {self.cost:.4f}, lambda {self.lam:.3g}, lr {self.lr:.3g}"
-            f"{f' (gates x{self.gate_speed:.3g})' if self.gate_speed != 1.0 else ''}; "
+            f"ce {self.ce:.4f}, cost {self.cost:.4f}, lambda {self.lam:.3g}, lr {self.lr:.3g}; "
             f"predicted {frac}; target {self.target}{' (met)' if self.budget_met else ''}; "
             f"gates {self.gates}; kept {sum(self.kept)} ch; {self.seconds:.1f}s"
         )
@@ -468,15 +466,9 @@ class _Trainer:
 
     # -- one epoch
     def _set_lr(self) -> float:
-        """Set every group's lr; gate groups also run at the budget controller's gate speed
-        (their weight decay divided by it, so lr * weight decay stays as configured)."""
         base = learning_rate(self.s, self.step, self.steps_per_epoch)
-        speed = self.controller.speed if self.controller is not None else 1.0
         for g in self.optimizer.param_groups:
             g["lr"] = base * g["lr_scale"]
-            if "edge" in g:
-                g["lr"] *= speed
-                g["weight_decay"] = self.s.weight_decay / (g["lr_scale"] * speed)
         return base
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -612,8 +604,6 @@ class _Trainer:
             met,
             gates,
             time.perf_counter() - t0,
-            gate_speed=(self.controller.speed
-                        if self.controller is not None and self.gates_training else 1.0),
         )
 
 
