@@ -51,16 +51,19 @@ class LatencyComparison:
     flops_ratio: float
 
     @property
+    def ratios(self) -> list[float]:
+        """Converted / original of each round, sorted (paired within each round)."""
+        return sorted(c / o for o, c in zip(self.original_ms, self.converted_ms, strict=True))
+
+    @property
     def latency_ratio(self) -> float:
-        """Median over rounds of converted / original (paired within each round)."""
-        ratios = sorted(c / o for o, c in zip(self.original_ms, self.converted_ms, strict=True))
-        return ratios[len(ratios) // 2]
+        """Median over rounds of converted / original."""
+        return self.ratios[len(self.ratios) // 2]
 
     @property
     def ratio_range(self) -> tuple[float, float]:
         """Smallest and largest per-round latency ratio (how much the rounds disagree)."""
-        ratios = [c / o for o, c in zip(self.original_ms, self.converted_ms, strict=True)]
-        return min(ratios), max(ratios)
+        return self.ratios[0], self.ratios[-1]
 
     @property
     def speedup(self) -> float:

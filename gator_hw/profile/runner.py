@@ -360,11 +360,6 @@ def _regime_check(
     return checks, warnings
 
 
-def _noise_text(res: LatencyResult) -> str:
-    what = "of its ratios to the full net" if res.ref_times_s else "of the median"
-    return f"IQR {100 * res.noise:.1f} % {what}"
-
-
 def _pair_noise(cells: Iterable[Cell], spec: TimingSpec) -> float | None:
     """Median over interleaved cells of the rel. IQR of their ratios to the baseline."""
     noise = [c.result(spec).noise for c in cells if c.ref_times_s]
@@ -477,7 +472,7 @@ def run(
     noisy = table[table["noisy"]]
     warnings += [
         f"round {row.round} {row.variant}: still noisy after re-measuring "
-        f"({_noise_text(store.cells[(row.round, row.variant)].result(spec))})"
+        f"({store.cells[(row.round, row.variant)].result(spec).noise_text})"
         for row in noisy.itertuples()
     ]
     extra = {

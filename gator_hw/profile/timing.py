@@ -240,20 +240,22 @@ class LatencyResult:
         return self.noise > NOISY_REL_IQR
 
     @property
+    def noise_text(self) -> str:
+        """The noise in words: ``IQR 3.1 % of the median`` (or of the ratios, interleaved)."""
+        what = "of the ratios to the reference" if self.ref_times_s else "of the median"
+        return f"IQR {100 * self.noise:.1f} % {what}"
+
+    @property
     def warnings(self) -> tuple[str, ...]:
         """Noise warnings, derived from the data against the module thresholds."""
         out = []
-        what = "of the ratios to the reference" if self.ref_times_s else "of the median"
         if self.noise > VERY_NOISY_REL_IQR:
             out.append(
-                f"very noisy: IQR is {100 * self.noise:.1f} % {what} "
+                f"very noisy: {self.noise_text} "
                 f"(> {100 * VERY_NOISY_REL_IQR:.0f} %); the machine is busy or throttling"
             )
         elif self.noise > NOISY_REL_IQR:
-            out.append(
-                f"noisy: IQR is {100 * self.noise:.1f} % {what} "
-                f"(> {100 * NOISY_REL_IQR:.0f} %)"
-            )
+            out.append(f"noisy: {self.noise_text} (> {100 * NOISY_REL_IQR:.0f} %)")
         if len(self.times_s) < 4:
             out.append(f"only {len(self.times_s)} timed blocks; the IQR is unreliable")
         return tuple(out)
