@@ -48,7 +48,7 @@ _ORIGINAL_KEYS: tuple[str, ...] = (
     "static_total_cost",
     "edge_multipliers",
 )
-_KNOWN_KEYS: frozenset[str] = frozenset(_ORIGINAL_KEYS) | {"provenance"}
+_KNOWN_KEYS: frozenset[str] = frozenset(_ORIGINAL_KEYS) | {"provenance", "cost_model"}
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -85,6 +85,9 @@ class GatingConfig:
     provenance : dict
         Where the numbers came from (e.g. ``device``, ``batch``, ``dtype``,
         ``table_sha256``, ``method``, ``model``, ``gator_hw_version``).
+    cost_model : dict or None
+        The fitted latency cost model (``gator_hw.costmodel.embedded``), written by
+        ``make-config``: pruning then optimises its prediction instead of the multipliers.
 
     Raises
     ------
@@ -99,6 +102,7 @@ class GatingConfig:
     static_total_cost: float | None = None
     edge_multipliers: list[float] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    cost_model: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         factor = _FACTOR_ALIASES.get(self.factor_type, self.factor_type)
@@ -143,6 +147,11 @@ class GatingConfig:
                 "fix or remove the 'provenance' entry"
             )
         self.provenance = dict(self.provenance)
+        if self.cost_model is not None and not isinstance(self.cost_model, dict):
+            raise GatorError(
+                f"cost_model must be a JSON object, got {type(self.cost_model).__name__}; "
+                "make the config again with gator-hw make-config or remove the entry"
+            )
 
     @staticmethod
     def _checked_multipliers(values: Any) -> list[float]:
@@ -184,6 +193,8 @@ class GatingConfig:
             out["edge_multipliers"] = list(self.edge_multipliers)
         if self.provenance:
             out["provenance"] = dict(self.provenance)
+        if self.cost_model is not None:
+            out["cost_model"] = self.cost_model
         return out
 
     @classmethod
@@ -205,7 +216,7 @@ class GatingConfig:
         if unknown:
             raise GatorError(
                 f"unknown config key(s) {', '.join(map(repr, unknown))}; "
-                f"valid keys are {', '.join(_ORIGINAL_KEYS)}, provenance"
+                f"valid keys are {', '.join(_ORIGINAL_KEYS)}, provenance, cost_model"
             )
         if "factor_type" not in d:
             raise GatorError(f"config has no factor_type; add one of {', '.join(FACTOR_TYPES)}")
@@ -217,6 +228,8 @@ class GatingConfig:
         kwargs = {k: d[k] for k in _ORIGINAL_KEYS if k in d}
         if d.get("provenance") is not None:
             kwargs["provenance"] = d["provenance"]
+        if d.get("cost_model") is not None:
+            kwargs["cost_model"] = d["cost_model"]
         return cls(**kwargs)
 
     def check_edges(self, n_edges: int, model_name: str = "the model") -> None:

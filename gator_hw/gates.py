@@ -77,6 +77,10 @@ class GateSet(nn.Module):
         Channels each edge always keeps (0 or 1): 1 for edges whose removal would cut the
         network (see ``gator_hw.graph.cuts``); there the gate with the largest logit stays
         open when all others close. Default 0 everywhere.
+    round_to : int
+        Keep every edge's width a multiple of this (or its full width): the deterministic
+        gates and the permanent masks round a count up by re-opening the closed channels
+        with the largest logits. Default 1 (any width).
 
     Attributes
     ----------
@@ -92,10 +96,13 @@ class GateSet(nn.Module):
         init_prob: float = 0.995,
         names: Sequence[str] | None = None,
         min_keep: Sequence[int] | None = None,
+        round_to: int = 1,
     ) -> None:
         super().__init__()
         if not 0.0 < init_prob < 1.0:
             raise GatorError(f"gate_init_prob must be in (0, 1), got {init_prob}; use e.g. 0.995")
+        if int(round_to) < 1:
+            raise GatorError(f"--round-to must be >= 1, got {round_to}; use e.g. 8")
         self.channels = [int(c) for c in channels]
         self.init_prob = float(init_prob)
         self.names = (
@@ -109,17 +116,34 @@ class GateSet(nn.Module):
         for i, c in enumerate(self.channels):
             self.register_buffer(f"mask_{i}", torch.ones(c, dtype=torch.bool))
         self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("round_to_n", torch.tensor(int(round_to), dtype=torch.int64))
+        total = sum(self.channels)
+        self.register_buffer("importance", torch.zeros(total))
+        self.register_buffer("importance_steps", torch.zeros((), dtype=torch.int64))
+        self._grad_sum = torch.zeros(total)
         self.last_gates: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @classmethod
-    def from_graph(cls, graph: HyperGraph, init_prob: float = 0.995) -> GateSet:
+    def from_graph(
+        cls, graph: HyperGraph, init_prob: float = 0.995, *, round_to: int = 1
+    ) -> GateSet:
         """Gates for every prunable edge of ``graph``; edges that cut the network keep one."""
         removable = removable_edges(graph)
         return cls(
             [e.channels for e in graph.edges], init_prob, [e.name for e in graph.edges],
-            [0 if e.gid in removable else 1 for e in graph.edges],
+            [0 if e.gid in removable else 1 for e in graph.edges], round_to=round_to,
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        defaults = {  # checkpoints from before these buffers: any width, no importance yet
+            "round_to_n": torch.ones((), dtype=torch.int64),
+            "importance": torch.zeros(sum(self.channels)),
+            "importance_steps": torch.zeros((), dtype=torch.int64),
+        }
+        for key, value in defaults.items():
+            state_dict.setdefault(prefix + key, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ state
     def __len__(self) -> int:
@@ -132,6 +156,26 @@ class GateSet(nn.Module):
     @property
     def masks(self) -> list[torch.Tensor]:
         return [self.mask(i) for i in range(len(self))]
+
+    @property
+    def round_to(self) -> int:
+        return int(self.round_to_n)
+
+    def valid_count(self, edge: int, k: int) -> int:
+        """The smallest width >= ``k`` that ``edge`` may keep (``round_to``, ``min_keep``)."""
+        k = max(int(k), self.min_keep[edge])
+        n, live = self.round_to, int(self.mask(edge).sum())
+        return min(-(-k // n) * n, live) if n > 1 else min(k, live)
+
+    def _top_up(self, edge: int, chosen: torch.Tensor, count: int) -> torch.Tensor:
+        """Add to ``chosen`` the live, unchosen channels with the largest logits up to ``count``."""
+        missing = count - int(chosen.sum())
+        if missing <= 0:
+            return chosen
+        theta = self.logits[edge].detach().masked_fill(~self.mask(edge) | chosen, float("-inf"))
+        out = chosen.clone()
+        out[torch.topk(theta, missing).indices] = True
+        return out
 
     @property
     def frozen(self) -> bool:
@@ -161,19 +205,16 @@ class GateSet(nn.Module):
             return torch.zeros(0)
         return torch.stack([p.sum() for p in self.open_prob()])
 
-    def _best(self, i: int) -> int:
-        """The live channel of edge ``i`` with the largest logit."""
-        theta = self.logits[i].detach().masked_fill(~self.mask(i), float("-inf"))
-        return int(theta.argmax())
-
     @torch.no_grad()
     def deterministic(self) -> list[torch.Tensor]:
-        """Eval gates: open (1.0) iff mask and ``sigmoid(theta) > 0.5`` (``min_keep`` kept)."""
+        """Eval gates: open (1.0) iff mask and ``sigmoid(theta) > 0.5``.
+
+        ``min_keep`` and ``round_to`` round each edge's count up with its largest closed logits.
+        """
         out = []
         for i, t in enumerate(self.logits):
             g = self.mask(i) & (t > 0)
-            if self.min_keep[i] and not g.any():
-                g[self._best(i)] = True
+            g = self._top_up(i, g, self.valid_count(i, int(g.sum())))
             out.append(g.to(t.dtype))
         return out
 
@@ -187,15 +228,18 @@ class GateSet(nn.Module):
 
     @torch.no_grad()
     def update_masks(self) -> int:
-        """Prune for good every channel whose logit is negative; return how many were new."""
+        """Prune for good every channel whose logit is negative; return how many were new.
+
+        An edge that must keep ``min_keep`` channels or a multiple of ``round_to`` keeps its
+        largest negative logits as needed.
+        """
         new = 0
         for i, theta in enumerate(self.logits):
             m = self.mask(i)
-            drop = m & (theta < 0)
-            if self.min_keep[i] and bool(drop.sum() == m.sum()) and bool(m.any()):
-                drop[self._best(i)] = False  # this edge cuts the network: keep one channel
-            new += int(drop.sum())
-            m.logical_and_(~drop)
+            keep = m & (theta >= 0)
+            keep = self._top_up(i, keep, self.valid_count(i, int(keep.sum())))
+            new += int((m & ~keep).sum())
+            m.copy_(keep)
         return new
 
     def mask_digest(self) -> torch.Tensor:
@@ -207,6 +251,39 @@ class GateSet(nn.Module):
             out[0] += m.sum() * (i + 1)
             out[1] += (m * idx).sum() * (i + 1)
         return out
+
+    # ------------------------------------------------------------------ importance
+    def _collect(self, grad: torch.Tensor) -> None:
+        g = grad.detach()
+        g = g.sum(0) if g.dim() == 2 else g
+        if self._grad_sum.device != g.device:
+            self._grad_sum = self._grad_sum.to(g.device)
+        self._grad_sum += g.to(self._grad_sum.dtype)
+
+    @torch.no_grad()
+    def update_importance(
+        self, *, scale: float = 1.0, beta: float = 0.95, reduce=None
+    ) -> None:
+        """Fold this step's gate gradients into each channel's importance, then reset them.
+
+        The importance of a channel is the running mean of ``(dL/dg)^2``, ``g`` its gate and
+        ``dL/dg`` summed over the batch: the first-order (Taylor) estimate of what closing it
+        costs the task (Molchanov et al., 2019). ``scale`` divides a loss-scaled gradient;
+        ``reduce`` (e.g. an all-reduce) sums the gradient over data-parallel ranks first.
+        """
+        s = self._grad_sum.to(self.importance.device) / scale
+        if reduce is not None:
+            reduce(s)
+        k = int(self.importance_steps) + 1
+        b = min(beta, 1.0 - 1.0 / k)
+        self.importance.mul_(b).add_((1.0 - b) * s.to(self.importance.dtype) ** 2)
+        self.importance_steps.fill_(k)
+        self._grad_sum = torch.zeros_like(self._grad_sum)
+
+    def edge_importance(self, edge: int) -> torch.Tensor:
+        """Importance of each channel of ``edge`` (zeros before any update)."""
+        start = sum(self.channels[:edge])
+        return self.importance[start:start + self.channels[edge]]
 
     # ------------------------------------------------------------------ sampling
     def sample(self, training: bool, batch: int | None = None) -> dict[int, torch.Tensor]:
@@ -226,6 +303,8 @@ class GateSet(nn.Module):
             noise = logistic_noise(shape, device=theta.device, dtype=theta.dtype)
             mask = torch.cat(self.masks).to(theta.dtype)
             gates = hard_logistic_gate(theta.expand(shape), noise) * mask
+            if gates.requires_grad:
+                gates.register_hook(self._collect)
             vecs = list(torch.split(gates, self.channels, dim=-1))
         return dict(enumerate(vecs))
 

@@ -28,13 +28,20 @@ The loss is ``lambda * C_mu(n) / S`` with ``n`` the expected open channels (``su
 ``memory_factor`` counts parameters. The gradient equals the original criterion's
 (``sum_e w_e sum_c g_ec`` with ``w_e = mu_e dC/dn_e / S`` at the live widths); its value is the
 cost fraction itself rather than the original's, which counts bilinear layers twice.
+
+A config made by ``make-config`` from profile tables carries its fitted cost model
+(``cost_model``). Then the loss is the cost model's own predicted latency of the expected
+network, ``lambda * L(n) / L(N)`` (:class:`~gator_hw.costmodel.differentiable.LatencyFunction`),
+and every "predicted latency" (budget, logs, summary) is the cost model's prediction of the
+kept network; the multipliers stay in the config for the original recipe
+(``cost_source="multipliers"`` uses them here too).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import combinations
 
 import torch
@@ -46,9 +53,8 @@ from gator_hw.gates import GateSet
 from gator_hw.graph.hypergraph import HyperGraph
 
 __all__ = [
+    "COST_SOURCES",
     "METRICS",
-    "BudgetController",
-    "BudgetTarget",
     "CostCriterion",
     "QuadraticCost",
     "gate_param_groups",
@@ -58,6 +64,10 @@ __all__ = [
 
 #: Budget metrics a target may name.
 METRICS: tuple[str, ...] = ("latency", "flops", "params")
+
+#: Where the latency cost comes from: ``auto`` (the config's cost model when it carries one,
+#: else its multipliers / factor) or ``multipliers`` (the original recipe even then).
+COST_SOURCES: tuple[str, ...] = ("auto", "multipliers")
 
 #: Edge cost weights below this fraction of the mean weight are raised to it before they
 #: divide a learning rate (an edge with mu_e = 0 would otherwise get an infinite one).
@@ -78,18 +88,19 @@ class QuadraticCost:
     unit: str
 
     def __call__(self, n: torch.Tensor) -> torch.Tensor:
+        """``C(n)`` for widths ``n`` of shape (E,) (a scalar) or (S, E) (shape (S,))."""
         n = n.to(self.linear)
-        return self.const + n @ self.linear + 0.5 * n @ (self.quad @ n)
+        return self.const + n @ self.linear + 0.5 * ((n @ self.quad) * n).sum(-1)
 
     def grad(self, n: torch.Tensor) -> torch.Tensor:
-        """``dC/dn`` at ``n``, shape ``(E,)``."""
-        return self.linear + self.quad @ n.to(self.linear)
+        """``dC/dn`` at ``n``, shape ``(E,)`` (or ``(S, E)``)."""
+        return self.linear + n.to(self.linear) @ self.quad
 
     def weighted(self, n: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """``C_mu(n)``: the cost with edge ``e`` charged ``mu_e`` times (module docstring)."""
         n = n.to(self.linear)
         d = n - self.full
-        return self(self.full) + (mu.to(d) * d * self.grad((self.full + n) / 2)).sum()
+        return self(self.full) + (mu.to(d) * d * self.grad((self.full + n) / 2)).sum(-1)
 
     def to(self, device: torch.device | str) -> QuadraticCost:
         return QuadraticCost(
@@ -149,40 +160,6 @@ def quadratic_cost(
     return QuadraticCost(const * scale, lin * scale, quad * scale, full, unit or metric)
 
 
-@dataclass(frozen=True)
-class BudgetTarget:
-    """A budget: ``metric`` (latency, flops or params) at most ``fraction`` of the full net."""
-
-    metric: str
-    fraction: float
-
-    @classmethod
-    def parse(cls, spec: str) -> BudgetTarget:
-        """Parse ``"latency=0.5"``; GatorError for anything else."""
-        key, sep, value = spec.partition("=")
-        key = key.strip().lower()
-        if not sep or key not in METRICS:
-            raise GatorError(
-                f"--target {spec!r} is not METRIC=FRACTION; use one of "
-                f"{', '.join(m + '=0.5' for m in METRICS)}"
-            )
-        try:
-            frac = float(value)
-        except ValueError:
-            raise GatorError(
-                f"--target {spec!r}: {value!r} is not a number; give a fraction such as 0.5"
-            ) from None
-        if not 0.0 < frac < 1.0 or math.isnan(frac):
-            raise GatorError(
-                f"--target {spec!r}: the fraction must be between 0 and 1 (exclusive) of the "
-                "full network's cost, e.g. 0.5"
-            )
-        return cls(key, frac)
-
-    def __str__(self) -> str:
-        return f"{self.metric} <= {self.fraction:.3f} of the full net"
-
-
 class CostCriterion:
     """The cost loss of one network under one gating config.
 
@@ -191,15 +168,25 @@ class CostCriterion:
     graph : HyperGraph
         The network's hyperedges and layer calls.
     config : GatingConfig
-        ``factor_type``, ``static_total_cost``, ``edge_multipliers`` (one per edge).
+        ``factor_type``, ``static_total_cost``, ``edge_multipliers`` (one per edge), and the
+        fitted ``cost_model`` where ``make-config`` embedded one.
+    cost_source : str
+        ``auto``: the config's cost model when it carries one (else its multipliers);
+        ``multipliers``: the original recipe's multiplied cost even then.
 
     Raises
     ------
     GatorError
-        If the config's edge multipliers do not match the graph's edges.
+        If the config's edge multipliers or cost model do not match the graph's edges.
     """
 
-    def __init__(self, graph: HyperGraph, config: GatingConfig) -> None:
+    def __init__(
+        self, graph: HyperGraph, config: GatingConfig, *, cost_source: str = "auto"
+    ) -> None:
+        if cost_source not in COST_SOURCES:
+            raise GatorError(
+                f"unknown cost source {cost_source!r}; use one of {', '.join(COST_SOURCES)}"
+            )
         config.check_edges(graph.n_edges, graph.model_name)
         self.graph = graph
         self.config = config
@@ -207,7 +194,13 @@ class CostCriterion:
         self.flops = quadratic_cost(graph, "flops", scale=1.0 / (2.0 * pixels), unit="gator")
         self.params = quadratic_cost(graph, "params")
         self.mu = torch.tensor(config.multipliers_or_ones(graph.n_edges), dtype=torch.float64)
-        self.has_latency = config.edge_multipliers is not None
+        self.latency = None
+        if config.cost_model is not None and cost_source == "auto":
+            from gator_hw.costmodel.differentiable import LatencyFunction
+            from gator_hw.costmodel.embedded import embedded_cost_model
+
+            self.latency = LatencyFunction(embedded_cost_model(config.cost_model, graph))
+        self.has_latency = config.edge_multipliers is not None or self.latency is not None
         self.factor = self.params if config.factor_type == "memory_factor" else self.flops
         full = float(self.factor.weighted(self.factor.full, self.mu))
         self.static_total_cost = config.static_total_cost or full
@@ -223,59 +216,86 @@ class CostCriterion:
     def full_widths(self) -> torch.Tensor:
         return self.factor.full
 
+    @property
+    def source(self) -> str:
+        """What the loss charges: the cost model, the multipliers, or the plain factor."""
+        if self.latency is not None:
+            return f"cost model ({self.latency.method})"
+        if self.config.edge_multipliers is not None:
+            return "edge multipliers"
+        return self.config.factor_type
+
     def cost(self, n: torch.Tensor) -> torch.Tensor:
-        """Normalised cost ``C_mu(n) / S`` (the loss before ``lambda``), differentiable in n."""
+        """Normalised cost (the loss before ``lambda``), differentiable in the widths ``n``.
+
+        ``L(n) / L(N)`` with a cost model, else ``C_mu(n) / S``.
+        """
+        if self.latency is not None:
+            return self.latency(n) / self.latency.full_ms
         return self.factor.weighted(n, self.mu) / self.static_total_cost
 
     def loss(self, gates: GateSet, weight: float | None = None) -> torch.Tensor:
-        """``lambda * C_mu(expected open channels) / S`` as a float32 scalar."""
+        """``lambda * cost(expected open channels)`` as a scalar of the logits' dtype."""
         lam = self.config.criteria_weight if weight is None else weight
         n = gates.expected_channels()
         return (lam * self.cost(n)).to(n.dtype)
 
     @torch.no_grad()
     def edge_weights(self, n: torch.Tensor) -> torch.Tensor:
-        """Per-channel cost weight ``w_e = d(C_mu / S)/dn_e`` at widths ``n``, shape ``(E,)``."""
+        """Per-channel cost weight ``w_e = d cost / dn_e`` at widths ``n``, shape ``(E,)``."""
         x = n.detach().to(torch.float64).clone().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.factor.weighted(x, self.mu), x)
-        return g / self.static_total_cost
+            (g,) = torch.autograd.grad(self.cost(x), x)
+        return g
 
-    def fractions(self, n: torch.Tensor) -> dict[str, float]:
-        """Predicted cost at widths ``n`` as fractions of the full net (latency needs mu)."""
-        n = n.detach().to(torch.float64)
-        out = {}
-        if self.has_latency:
-            out["latency"] = float(self.flops.weighted(n, self.mu) / self.flops(self.flops.full))
-        out["flops"] = float(self.flops(n) / self.flops(self.flops.full))
-        out["params"] = float(self.params(n) / self.params(self.params.full))
-        return out
+    def relinearize(self, kept: torch.Tensor) -> None:
+        """Refresh a tree cost model's slopes at the kept widths (no-op otherwise)."""
+        if self.latency is not None:
+            self.latency.relinearize(kept)
+
+    def metrics(self) -> tuple[str, ...]:
+        """The budget metrics this criterion can predict."""
+        return METRICS if self.has_latency else METRICS[1:]
+
+    @torch.no_grad()
+    def fraction_batch(self, metric: str, widths: torch.Tensor) -> torch.Tensor:
+        """``metric`` of each row of ``widths`` (S, E) as a fraction of the full net, (S,).
+
+        Latency is the cost model's exact prediction when the config carries one, else the
+        multiplied cost ``C_mu``.
+        """
+        w = torch.atleast_2d(widths.detach().to(torch.float64))
+        if metric not in self.metrics():
+            raise GatorError(
+                f"a {metric} budget needs a latency config, but the config has neither a cost "
+                "model nor edge_multipliers; make one with gator-hw make-config --timing TABLE "
+                "or use --target flops=..."
+            )
+        if metric == "latency" and self.latency is not None:
+            return torch.from_numpy(self.latency.predict(w.cpu()) / self.latency.full_ms)
+        full = self.flops.full
+        if metric == "latency":
+            out = self.flops.weighted(w.to(full), self.mu) / self.flops(full)
+        elif metric == "flops":
+            out = self.flops(w.to(full)) / self.flops(full)
+        elif metric == "params":
+            out = self.params(w.to(full)) / self.params(full)
+        else:
+            raise GatorError(f"unknown budget metric {metric!r}; use one of {', '.join(METRICS)}")
+        return out.cpu()
 
     def fraction(self, metric: str, n: torch.Tensor) -> float:
-        """One entry of :meth:`fractions`; GatorError if the metric cannot be predicted."""
-        fr = self.fractions(n)
-        if metric not in fr:
-            raise GatorError(
-                f"a {metric} budget needs latency multipliers, but the config has no "
-                "edge_multipliers; pass a latency config (gator-hw make-config) or use "
-                "--target flops=..."
-            )
-        return fr[metric]
+        """:meth:`fraction_batch` of one width vector."""
+        return float(self.fraction_batch(metric, n)[0])
 
-    def check_target(self, target: BudgetTarget) -> None:
-        """GatorError if ``target`` is below what pruning every edge to nothing reaches."""
-        floor = self.fraction(target.metric, torch.zeros_like(self.flops.full))
-        if target.fraction <= floor:
-            raise GatorError(
-                f"budget {target} is impossible: the layers that cannot be pruned already cost "
-                f"{floor:.3f} of the full net; choose a fraction above {floor:.3f}"
-            )
+    def fractions(self, n: torch.Tensor) -> dict[str, float]:
+        """Predicted latency (where known), FLOPs and params at widths ``n``, as fractions."""
+        return {m: self.fraction(m, n) for m in self.metrics()}
 
     def __str__(self) -> str:
         return (
-            f"CostCriterion({self.graph.model_name}, {self.config.factor_type}, "
-            f"S={self.static_total_cost:g}, lambda={self.config.criteria_weight:g}, "
-            f"{'with' if self.has_latency else 'no'} edge multipliers)"
+            f"CostCriterion({self.graph.model_name}, {self.source}, "
+            f"S={self.static_total_cost:g}, lambda={self.config.criteria_weight:g})"
         )
 
 
@@ -311,74 +331,3 @@ def _lr_scales(weights: torch.Tensor, gamma: float) -> list[float]:
     pos = w[w > 0]
     floor = WEIGHT_FLOOR * (float(pos.mean()) if pos.numel() else 1.0)
     return [gamma / max(float(x), floor) for x in w]
-
-
-@dataclass
-class BudgetController:
-    """Adapts ``lambda`` so the network's predicted cost falls to a budget, then stops gates.
-
-    Each step it receives ``expected`` (cost fraction at the expected open channels) and
-    ``kept`` (cost fraction of the deterministic gates: the network that would be kept)::
-
-        error = expected / target - 1                    (continuous, moves before masks do)
-        if kept > target: error = max(error, 0.25 * (kept / target - 1))  (keep pushing)
-        lambda <- clip(lambda * exp(gain * error), lambda_min, lambda_max)
-
-    The budget is *met* once ``kept <= target``; masks are permanent, so it then holds. From
-    then on the returned lambda is 0 (no more cost pressure); after ``hold_steps`` further
-    steps (the gates settle under the task loss alone) :attr:`done` turns True and the trainer
-    freezes the gates. The trainer also stops an avalanche from overshooting the budget: see
-    ``gator_hw.train.loop`` (channels that crossed zero in the step that met the budget are
-    re-opened, least negative first, as long as the budget stays met).
-
-    Parameters
-    ----------
-    target : BudgetTarget
-    lam : float
-        Initial lambda (the config's ``criteria_weight``).
-    gain : float
-        Log-change of lambda per step at 100 % relative error.
-    hold_steps : int
-        Steps the budget must stay met before gate training stops.
-    """
-
-    target: BudgetTarget
-    lam: float
-    gain: float = 0.02
-    hold_steps: int = 100
-    lam_min: float = 1e-4
-    lam_max: float = 1e4
-    met_steps: int = 0
-    done: bool = False
-    history: list[tuple[float, float, float]] = field(default_factory=list, repr=False)
-
-    def update(self, expected: float, kept: float) -> float:
-        """Take one step; return the lambda to use for the next loss."""
-        tau = self.target.fraction
-        error = expected / tau - 1.0
-        if kept > tau:
-            error = max(error, 0.25 * (kept / tau - 1.0))
-            self.met_steps = 0
-        else:
-            self.met_steps += 1
-            self.done = self.done or self.met_steps >= self.hold_steps
-        self.lam = min(max(self.lam * math.exp(self.gain * error), self.lam_min), self.lam_max)
-        self.history = (self.history + [(expected, kept, self.lam)])[-1000:]
-        return 0.0 if self.met else self.lam
-
-    @property
-    def met(self) -> bool:
-        return self.met_steps > 0
-
-    def state_dict(self) -> dict[str, float | int | bool]:
-        """JSON-ready state (for checkpoints)."""
-        return {"lam": self.lam, "met_steps": self.met_steps, "done": self.done}
-
-    def load_state_dict(self, state: Mapping[str, float | int | bool]) -> None:
-        self.lam = float(state["lam"])
-        self.met_steps = int(state["met_steps"])
-        self.done = bool(state["done"])
-
-    def __str__(self) -> str:
-        state = "done" if self.done else ("met" if self.met else "pushing")
-        return f"BudgetController({self.target}, lambda={self.lam:.4g}, {state})"

@@ -171,3 +171,52 @@ def test_edges_that_cut_the_network_keep_one_channel():
         assert gates.kept_indices()[0] == [3]
     gates.freeze()
     assert gates.kept_channels() == kept
+
+
+def test_round_to_rounds_kept_counts_up_with_the_largest_closed_logits():
+    gates = GateSet([20, 24], 0.9, round_to=8, min_keep=[1, 0])
+    with torch.no_grad():
+        gates.logits[0].copy_(torch.linspace(-1, 1, 20))  # 10 positive
+        gates.logits[1].fill_(-1.0)  # all closed: the edge may go empty
+    det = gates.deterministic()
+    assert gates.kept_channels() == [16, 0]
+    # the six largest negative logits of edge 0 fill the count up to 16
+    theta = gates.logits[0].detach()
+    assert torch.equal(det[0].bool(), theta >= theta.sort(descending=True).values[15])
+    gates.update_masks()
+    assert [int(m.sum()) for m in gates.masks] == [16, 0]
+    assert gates.kept_channels() == [16, 0]
+    with torch.no_grad():
+        gates.logits[0].fill_(-1.0)
+        gates.logits[0][10] = 1.0
+    gates.update_masks()  # edge 0 cuts the network: it keeps one block of 8
+    assert gates.kept_channels()[0] == 8 and bool(gates.mask(0)[10])
+    with pytest.raises(GatorError):
+        GateSet([4], round_to=0)
+    # the rounding travels with the gates' state
+    again = GateSet([20, 24])
+    again.load_state_dict(gates.state_dict())
+    assert again.round_to == 8 and again.kept_channels() == gates.kept_channels()
+
+
+def test_importance_is_the_squared_batch_gradient_of_each_gate():
+    torch.manual_seed(0)
+    gates = GateSet([3, 2], 0.7)
+    weights = torch.randn(5, 5)
+    steps = []
+    for _ in range(3):
+        vecs = gates.sample(True, batch=4)
+        g = torch.cat([vecs[0], vecs[1]], dim=-1)  # (4, 5)
+        x = torch.randn(4, 5)
+        loss = ((g * x) @ weights).pow(2).mean()
+        loss.backward()
+        # the gradient the hook saw, recomputed by hand
+        with torch.no_grad():
+            y = (g * x) @ weights
+            dl_dg = (2 * y / y.numel()) @ weights.T * x
+        steps.append(dl_dg.sum(0) ** 2)
+        gates.update_importance(beta=0.5)
+    # a running mean for the first steps (bias-free), then the exponential average
+    want = (steps[0] + steps[1]) / 2 * 0.5 + 0.5 * steps[2]
+    assert torch.allclose(gates.importance, want, rtol=1e-5)
+    assert torch.equal(gates.edge_importance(1), gates.importance[3:])

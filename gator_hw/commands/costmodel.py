@@ -11,12 +11,12 @@ from rich.table import Table
 from gator_hw.atomic import write_json
 from gator_hw.commands.common import InputSize, console, err_console
 from gator_hw.config import GatingConfig, write_config
-from gator_hw.costmodel.make import METHODS, make_config, table_context
+from gator_hw.costmodel.make import FACTORS, METHODS, factor_config, make_config, table_context
 
 __all__ = ["print_repeated", "register"]
 
 Timing = Annotated[
-    list[Path],
+    list[Path] | None,
     typer.Option("--timing", "--tables", exists=True, dir_okay=False,
                  help="Timing table(s): tidy profile CSVs, or one GATOR-format CSV for "
                       "--method gator. Repeat the option for several tables."),
@@ -69,7 +69,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("make-config")
     def make_config_cmd(
-        timing: Timing,
+        timing: Timing = None,
+        factor: Annotated[str | None, typer.Option(
+            help=f"Without tables: a plain {' / '.join(FACTORS)} config for --model "
+                 "(exact FLOPs or parameters as the cost).")] = None,
         method: Annotated[str, typer.Option(
             help=f"gator (the original half-width recipe), model (fit and pick the best cost "
                  f"model), or one candidate: {', '.join(METHODS[2:])}.")] = "model",
@@ -85,11 +88,30 @@ def register(app: typer.Typer) -> None:
             help="Learning-rate multiplier of the gate logits.")] = 0.2,
         gate_init_prob: Annotated[float, typer.Option(
             help="Initial probability that a gate is open.")] = 0.995,
+        num_classes: Annotated[int, typer.Option(
+            help="With --factor: classifier outputs of the network.")] = 1000,
     ) -> None:
-        """Write a GATOR gating config whose edge_multipliers come from measured latency."""
+        """Write a gating config: latency from measured tables (with the fitted cost model
+        embedded, and GATOR edge_multipliers), or a plain FLOPs / memory one with --factor."""
+        from gator_hw.errors import GatorError
+
         template = GatingConfig(criteria_weight=criteria_weight,
                                 gradient_multiplier=gradient_multiplier,
                                 gate_init_prob=gate_init_prob)
+        if factor is not None:
+            if timing:
+                raise GatorError("pass either --timing tables or --factor, not both")
+            if model is None or out is None:
+                raise GatorError("--factor needs --model NAME and --out PATH")
+            cfg = factor_config(factor, model, input_size=input_size, num_classes=num_classes,
+                                template=template)
+            console.print(f"{cfg.factor_type} config for {model}: static_total_cost "
+                          f"{cfg.static_total_cost:g}")
+            console.print(f"config written to [bold]{write_config(cfg, out)}[/]")
+            return
+        if not timing:
+            raise GatorError("no timing table given; pass --timing PATH (or --factor flops "
+                             "--model NAME for a plain FLOPs config)")
         result = make_config(timing, method=method, model=model, input_size=input_size,
                              template=template)
         path = write_config(result.config, out or _default_out(timing[0], method))
@@ -111,6 +133,8 @@ def register(app: typer.Typer) -> None:
                 console.print(f"cost model saved to {cm.save(model_out)}")
         mu = result.config.edge_multipliers or []
         console.print(f"{len(mu)} edge multipliers, range {min(mu):.3f} .. {max(mu):.3f}")
+        if result.config.cost_model is not None:
+            console.print("the cost model is embedded: prune optimises its predicted latency")
         console.print(f"config written to [bold]{path}[/]")
 
     @app.command("validate")

@@ -12,7 +12,7 @@ import typer
 from gator_hw.commands.common import InputSize, ModelName, console
 from gator_hw.train.loop import TrainSettings, train
 
-__all__ = ["Schedule", "register"]
+__all__ = ["CostSource", "Schedule", "register"]
 
 
 class Schedule(str, Enum):
@@ -20,6 +20,13 @@ class Schedule(str, Enum):
 
     cosine = "cosine"
     step = "step"
+
+
+class CostSource(str, Enum):
+    """Where the latency cost comes from."""
+
+    auto = "auto"
+    multipliers = "multipliers"
 
 
 def register(app: typer.Typer) -> None:
@@ -78,9 +85,23 @@ def register(app: typer.Typer) -> None:
                 "params=0.5); lambda adapts, gates stop once it is met and holds."
             ),
         ] = None,
+        budget_at: Annotated[
+            float, typer.Option(
+                help="With --target: share of the epochs by which the kept network meets the "
+                "budget (its cost ceiling falls from 1 to the target in log space).")
+        ] = 0.5,
         hold_epochs: Annotated[
-            float, typer.Option(help="Epochs the budget must hold before gates freeze.")
+            float, typer.Option(help="Epochs the budget holds before the gates freeze.")
         ] = 1.0,
+        round_to: Annotated[
+            int, typer.Option(
+                help="Keep every edge's width a multiple of N (hardware-friendly widths).")
+        ] = 1,
+        cost: Annotated[
+            CostSource, typer.Option(
+                help="auto: the config's embedded cost model when it has one; multipliers: "
+                "the original GATOR recipe (edge_multipliers) even then.")
+        ] = CostSource.auto,
         gate_epochs: Annotated[
             int | None, typer.Option(help="Without --target: freeze gates after N epochs.")
         ] = None,
@@ -111,7 +132,8 @@ def register(app: typer.Typer) -> None:
             model=model, config=config, data=data, out=out, epochs=epochs, lr=lr,
             momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
             subdivision=subdivision, amp=amp, schedule=schedule.value, lr_step=lr_step,
-            resume=resume, save_interval=save_interval, target=target, hold_epochs=hold_epochs,
+            resume=resume, save_interval=save_interval, target=target, budget_at=budget_at,
+            hold_epochs=hold_epochs, round_to=round_to, cost_source=cost.value,
             gate_epochs=gate_epochs, weights=weights, input_size=input_size,
             num_classes=num_classes, workers=workers, seed=seed, device=device,
         )  # fmt: skip

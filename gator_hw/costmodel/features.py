@@ -14,6 +14,12 @@ Two views of the same network:
 Layer properties (kernel size, stride, groups, resolution, batch) enter through the exact
 FLOPs and bytes of each layer; they are constants of a layer, so a per-layer coefficient
 absorbs them.
+
+The layer view is computed in torch (:meth:`FeatureMap.layer_torch`), so that the same code
+gives the numbers the cost model is fitted on and a differentiable function of the widths for
+pruning (:mod:`gator_hw.costmodel.differentiable`). Its values are exact at every width; the
+staircase parts get surrogate gradients: a padded width ``ceil(n / m) * m`` passes the gradient
+of ``n`` (the slope of the staircase's envelope) and the misalignment flags are constants.
 """
 
 from __future__ import annotations
@@ -21,30 +27,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from gator_hw.accounting import layer_cost, network_cost
 from gator_hw.graph.hypergraph import HyperGraph, LayerCall
 
-__all__ = ["ALIGNMENTS", "FeatureMap", "padded_excess"]
+__all__ = ["ALIGNMENTS", "FeatureMap", "padded_excess", "padded_width"]
 
 ALIGNMENTS = (8, 16, 32, 64)
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def _pad(n: np.ndarray, m: int) -> np.ndarray:
-    return np.ceil(n / m) * m
+def padded_width(n: torch.Tensor, m: int) -> torch.Tensor:
+    """``ceil(n / m) * m`` in value; in the backward pass the gradient of ``n`` itself."""
+    return n + (torch.ceil(n / m) * m - n).detach()
 
 
-def padded_excess(call: LayerCall, n_in: np.ndarray, n_out: np.ndarray, m: int) -> np.ndarray:
+def _padded_excess_t(call: LayerCall, n_in: torch.Tensor, n_out: torch.Tensor,
+                     m: int) -> torch.Tensor:
+    n_in, n_out = n_in.clamp(min=1.0), n_out.clamp(min=1.0)
+    if call.kind == "conv" and call.depthwise:
+        return padded_width(n_out, m) / n_out - 1.0
+    return padded_width(n_in, m) * padded_width(n_out, m) / (n_in * n_out) - 1.0
+
+
+def padded_excess(call: LayerCall, n_in, n_out, m: int):
     """Factor of extra work when ``call`` computes its channels in whole blocks of ``m``.
 
     Dense convs and linears scale with in x out channels, depthwise convs with their channels.
+    Takes and returns numpy arrays or torch tensors.
     """
-    n_in = np.maximum(np.asarray(n_in, dtype=float), 1.0)
-    n_out = np.maximum(np.asarray(n_out, dtype=float), 1.0)
-    if call.kind == "conv" and call.depthwise:
-        return _pad(n_out, m) / n_out - 1.0
-    return _pad(n_in, m) * _pad(n_out, m) / (n_in * n_out) - 1.0
+    if isinstance(n_in, torch.Tensor):
+        return _padded_excess_t(call, n_in, n_out, m)
+    t = _padded_excess_t(call, torch.as_tensor(np.asarray(n_in, dtype=float)),
+                         torch.as_tensor(np.asarray(n_out, dtype=float)), m)
+    return t.numpy()
+
+
+def _side(layout, wd: dict[int, torch.Tensor]):
+    return sum(wd.get(s.gid, s.length) * s.repeat for s in layout)
 
 
 @dataclass(frozen=True)
@@ -64,10 +85,6 @@ class FeatureMap:
         w = np.atleast_2d(np.asarray(widths, dtype=float))
         return {i: w[:, i] for i in range(w.shape[1])}
 
-    @staticmethod
-    def _side(layout, wd: dict[int, np.ndarray]):
-        return sum(wd.get(s.gid, s.length) * s.repeat for s in layout)
-
     def _calls(self):
         return [c for c in self.graph.calls if c.kind != "norm"]
 
@@ -77,26 +94,40 @@ class FeatureMap:
             f"flops_pad{m}" for m in ALIGNMENTS
         ]
 
-    def layer(self, widths: np.ndarray) -> np.ndarray:
-        """Per-layer GFLOPs and MB, total MB, misaligned and padding GFLOPs; a row per width."""
-        wd = self._widths(widths)
-        n = len(next(iter(wd.values()))) if wd else 1
-        cols, mis = [], {8: np.zeros(n), 32: np.zeros(n)}
-        pad = {m: np.zeros(n) for m in ALIGNMENTS}
+    def layer_torch(self, widths: torch.Tensor) -> torch.Tensor:
+        """The layer features of each row of ``widths`` (float64, differentiable), (n, F).
+
+        Column order is :meth:`layer_names`: per-layer GFLOPs and MB, total MB, misaligned and
+        padding GFLOPs.
+        """
+        w = torch.atleast_2d(widths.to(torch.float64))
+        n = w.shape[0]
+        wd = {i: w[:, i] for i in range(w.shape[1])}
+        zero = w.new_zeros(n)
+        cols: list[torch.Tensor] = []
+        mis = {8: zero, 32: zero}
+        pad = dict.fromkeys(ALIGNMENTS, zero)
+        bpe = self.bytes_per_element
         for c in self._calls():
-            cost = layer_cost(c, wd, batch=self.batch, bytes_per_element=self.bytes_per_element)
-            f = np.broadcast_to(cost.flops / 1e9, (n,))
-            cols += [f, np.broadcast_to(cost.bytes / 1e6, (n,))]
-            n_in, n_out = self._side(c.in_layout, wd), self._side(c.out_layout, wd)
+            cost = layer_cost(c, wd, batch=self.batch, bytes_per_element=bpe)
+            f = zero + cost.flops / 1e9
+            cols += [f, zero + cost.bytes / 1e6]
+            n_in, n_out = zero + _side(c.in_layout, wd), zero + _side(c.out_layout, wd)
             for m in mis:
-                off = (np.mod(n_in, m) != 0) | (np.mod(n_out, m) != 0)
+                off = (torch.remainder(n_in.detach().round(), m) != 0) | (
+                    torch.remainder(n_out.detach().round(), m) != 0)
                 mis[m] = mis[m] + f * off
             for m in pad:
-                pad[m] = pad[m] + f * padded_excess(c, n_in, n_out, m)
-        total = network_cost(self.graph, wd, batch=self.batch,
-                             bytes_per_element=self.bytes_per_element)
-        cols += [np.broadcast_to(total.bytes / 1e6, (n,)), mis[8], mis[32], *pad.values()]
-        return np.stack(cols, axis=1).astype(float)
+                pad[m] = pad[m] + f * _padded_excess_t(c, n_in, n_out, m)
+        total = network_cost(self.graph, wd, batch=self.batch, bytes_per_element=bpe)
+        cols += [zero + total.bytes / 1e6, mis[8], mis[32], *pad.values()]
+        return torch.stack(cols, dim=1)
+
+    def layer(self, widths: np.ndarray) -> np.ndarray:
+        """Per-layer GFLOPs and MB, total MB, misaligned and padding GFLOPs; a row per width."""
+        w = torch.as_tensor(np.atleast_2d(np.asarray(widths, dtype=float)))
+        with torch.no_grad():
+            return self.layer_torch(w).numpy().astype(float)
 
     def edge_names(self) -> list[str]:
         names = ["gflops", "mparams", "mbytes", "intensity"]
@@ -116,6 +147,12 @@ class FeatureMap:
             cols.append(w[:, i] / full[i])
             cols += [(np.mod(w[:, i], m) == 0).astype(float) for m in ALIGNMENTS]
         return np.stack([np.broadcast_to(x, (len(w),)) for x in cols], axis=1).astype(float)
+
+    def flops_torch(self, widths: torch.Tensor) -> torch.Tensor:
+        """Total FLOPs (at the batch) of each row of ``widths``, differentiable, shape (n,)."""
+        w = torch.atleast_2d(widths.to(torch.float64))
+        wd = {i: w[:, i] for i in range(w.shape[1])}
+        return w.new_zeros(w.shape[0]) + network_cost(self.graph, wd, batch=self.batch).flops
 
     def flops(self, widths: np.ndarray) -> np.ndarray:
         """Total FLOPs of each width vector (at the batch)."""

@@ -13,9 +13,12 @@ from gator_hw.costmodel.gator import gator_config_from_table
 from gator_hw.costmodel.model import CANDIDATES, CostModel, fit_cost_model
 from gator_hw.errors import GatorError
 
-__all__ = ["METHODS", "ConfigResult", "make_config", "table_context"]
+__all__ = ["FACTORS", "METHODS", "ConfigResult", "factor_config", "make_config", "table_context"]
 
 METHODS = ("model", "gator", *CANDIDATES)
+
+#: ``make-config --factor`` values and the factor_type each writes.
+FACTORS: dict[str, str] = {"flops": "flop_factor", "memory": "memory_factor"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ def table_context(table: str | Path) -> dict:
         "dtype": meta.get("dtype"),
         "channels_last": meta.get("channels_last"),
         "regime": meta.get("regime"),
+        "num_classes": meta.get("num_classes"),
     }
 
 
@@ -89,8 +93,11 @@ def make_config(
     name = model or ctx.get("model")
     if not name:
         raise GatorError(f"{tables[0]} has no metadata naming its model; pass --model")
-    net = load_network(name, input_size=input_size or ctx.get("input_size"))
+    net = load_network(name, input_size=input_size or ctx.get("input_size"),
+                       num_classes=int(ctx.get("num_classes") or 1000))
     cm = fit_cost_model(tables, net.graph, method="auto" if method == "model" else method)
+    from gator_hw.costmodel.embedded import embed_cost_model
+
     cfg = GatingConfig(
         factor_type=template.factor_type,
         criteria_weight=template.criteria_weight,
@@ -106,5 +113,36 @@ def make_config(
             "cv_mape": cm.cv_mape,
             "tables": [{"path": str(t), "sha256": file_sha256(t)} for t in tables],
         },
+        cost_model=embed_cost_model(cm),
     )
     return ConfigResult(cfg, cm)
+
+
+def factor_config(
+    factor: str,
+    model: str,
+    *,
+    input_size: int | None = None,
+    num_classes: int = 1000,
+    template: GatingConfig | None = None,
+) -> GatingConfig:
+    """A plain FLOPs or memory config (no tables): the cost is exact FLOPs or parameters.
+
+    ``static_total_cost`` is the full network's cost in the loss's units (GATOR MACs per input
+    pixel for FLOPs, parameters for memory), so the original recipe reads the same numbers.
+    """
+    if factor not in FACTORS:
+        raise GatorError(f"unknown --factor {factor!r}; use one of {', '.join(FACTORS)}")
+    from gator_hw import __version__
+    from gator_hw.loss import CostCriterion
+    from gator_hw.network import load_network
+
+    net = load_network(model, input_size=input_size, num_classes=num_classes)
+    t = template or GatingConfig()
+    cfg = GatingConfig(FACTORS[factor], t.criteria_weight, t.gradient_multiplier,
+                       t.gate_init_prob)
+    crit = CostCriterion(net.graph, cfg)
+    cfg.static_total_cost = float(crit.factor(crit.factor.full))
+    cfg.provenance = {"model": model, "input_size": net.input_size, "num_classes": num_classes,
+                      "method": f"factor:{factor}", "gator_hw_version": __version__}
+    return cfg

@@ -47,6 +47,7 @@ __all__ = [
     "fit_cost_model",
     "holdout_mask",
     "load_cost_model",
+    "refit",
 ]
 
 MODEL_FORMAT = "gator-hw/costmodel"
@@ -233,6 +234,18 @@ def fit_cost_model(
     )
 
 
+def refit(graph: HyperGraph, method: str, params: dict, widths: np.ndarray,
+          latency_ms: np.ndarray, batch: int, dtype: str) -> tuple[FeatureMap, object]:
+    """Fit the estimator ``method`` with saved ``params`` on measured networks (deterministic)."""
+    if method not in CANDIDATES:
+        raise GatorError(f"unknown cost-model method {method!r}; make the config again")
+    fmap = FeatureMap(graph, batch, dtype)
+    est = _estimator(method).set_params(**params)
+    with _one_thread():
+        est.fit(_features(fmap, CANDIDATES[method], np.asarray(widths)), np.asarray(latency_ms))
+    return fmap, est
+
+
 def load_cost_model(path: str | Path, graph: HyperGraph) -> CostModel:
     """Load a saved cost model: re-read its tables (hash-checked) and refit the same estimator."""
     path = Path(path)
@@ -256,9 +269,7 @@ def load_cost_model(path: str | Path, graph: HyperGraph) -> CostModel:
         tables.append(p)
     samples = load_samples(tables, graph)
     fit = samples.subset(np.isin(samples.variant, doc["fit_variants"]))
-    fmap = FeatureMap(graph, samples.batch, samples.dtype)
-    est = _estimator(doc["method"]).set_params(**doc["params"])
-    with _one_thread():
-        est.fit(_features(fmap, CANDIDATES[doc["method"]], fit.widths), fit.latency_ms)
+    fmap, est = refit(graph, doc["method"], doc["params"], fit.widths, fit.latency_ms,
+                      samples.batch, samples.dtype)
     return CostModel(graph, fmap, doc["method"], est, samples.baseline_ms, doc["fit_variants"],
                      doc.get("cv_mape", {}), doc["tables"], doc.get("context", {}))

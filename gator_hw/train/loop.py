@@ -32,16 +32,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gator_hw.atomic import write_json, write_text
+from gator_hw.budget import Budget, BudgetSchedule, BudgetTarget, check_feasible
 from gator_hw.config import GatingConfig, read_config
 from gator_hw.errors import GatorError
 from gator_hw.gates import GateSet
-from gator_hw.loss import (
-    BudgetController,
-    BudgetTarget,
-    CostCriterion,
-    gate_param_groups,
-    refresh_gate_groups,
-)
+from gator_hw.graph.cuts import removable_edges
+from gator_hw.loss import COST_SOURCES, CostCriterion, gate_param_groups, refresh_gate_groups
 from gator_hw.network import Network, load_network
 from gator_hw.train.checkpoint import (
     Checkpoint,
@@ -51,6 +47,7 @@ from gator_hw.train.checkpoint import (
     save_checkpoint,
 )
 from gator_hw.train.data import Datasets, load_data
+from gator_hw.train.norms import recalibrated_norms
 
 __all__ = [
     "SCHEDULES",
@@ -64,6 +61,9 @@ __all__ = [
 
 #: Learning-rate schedules.
 SCHEDULES: tuple[str, ...] = ("cosine", "step")
+
+#: Training batches that re-estimate batch-norm statistics for the deterministic gates.
+CALIBRATION_BATCHES = 16
 
 #: Files whose presence marks a folder as holding a run (never overwritten without --resume).
 _RUN_FILES = ("log.csv", "last.json")
@@ -89,7 +89,10 @@ class TrainSettings:
     resume: Path | None = None
     save_interval: int = 0
     target: str | None = None
+    budget_at: float = 0.5
     hold_epochs: float = 1.0
+    round_to: int = 1
+    cost_source: str = "auto"
     gate_epochs: int | None = None
     weights: Path | None = None
     input_size: int | None = None
@@ -114,6 +117,14 @@ class TrainSettings:
             raise GatorError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.save_interval < 0 or self.workers < 0:
             raise GatorError("--save-interval and --workers must be >= 0")
+        if not 0.0 < self.budget_at <= 1.0:
+            raise GatorError(
+                f"--budget-at must be a fraction of the epochs in (0, 1], got {self.budget_at}"
+            )
+        if self.round_to < 1:
+            raise GatorError(f"--round-to must be >= 1, got {self.round_to}; use e.g. 8")
+        if self.cost_source not in COST_SOURCES:
+            raise GatorError(f"--cost must be one of {', '.join(COST_SOURCES)}")
 
 
 @dataclass
@@ -133,6 +144,9 @@ class EpochRow:
     budget_met: bool
     gates: str
     seconds: float
+    ceiling: float | None = None
+    closed: int = 0
+    reopened: int = 0
     notes: list[str] = field(default_factory=list)
 
     def csv_row(self) -> dict[str, Any]:
@@ -143,12 +157,16 @@ class EpochRow:
 
     def __str__(self) -> str:
         frac = ", ".join(f"{k} {100 * v:.1f}%" for k, v in self.fractions.items())
+        ceiling = "" if self.ceiling is None else f", ceiling {100 * self.ceiling:.1f}%"
+        moves = f"; pruned by ceiling {self.closed}, re-opened {self.reopened}" if (
+            self.closed or self.reopened) else ""
         return (
             f"epoch {self.epoch}: val acc {100 * self.val_acc:.2f}% "
             f"(train {100 * self.train_acc:.2f}%), "
             f"ce {self.ce:.4f}, cost {self.cost:.4f}, lambda {self.lam:.3g}, lr {self.lr:.3g}; "
-            f"predicted {frac}; target {self.target}{' (met)' if self.budget_met else ''}; "
-            f"gates {self.gates}; kept {sum(self.kept)} ch; {self.seconds:.1f}s"
+            f"predicted {frac}; target {self.target}{' (met)' if self.budget_met else ''}"
+            f"{ceiling}; gates {self.gates}; kept {sum(self.kept)} ch{moves}; "
+            f"{self.seconds:.1f}s"
         )
 
 
@@ -306,9 +324,11 @@ def _prepare(s: TrainSettings) -> _Run:
             f"{s.model} has {net.num_classes} outputs but {data.spec} has {data.num_classes} "
             "classes; build it with matching --num-classes"
         )
-    criterion = CostCriterion(net.graph, config)
+    criterion = CostCriterion(net.graph, config, cost_source=s.cost_source)
     if target is not None:
-        criterion.check_target(target)
+        removable = removable_edges(net.graph)
+        check_feasible(target, criterion,
+                       [0 if e.gid in removable else 1 for e in net.graph.edges])
     if ckpt is not None:
         check_signature(ckpt.meta, net.graph, str(ckpt.path))
     return _Run(s, net, data, config, criterion, target, out, ckpt, d, device)
@@ -351,28 +371,43 @@ class _Trainer:
         self.run, self.s, self.log = run, run.settings, log
         self.device = run.device
         self.model = run.net.model.to(self.device)
-        self.gates = GateSet.from_graph(run.net.graph, run.config.gate_init_prob).to(self.device)
+        self.gates = GateSet.from_graph(
+            run.net.graph, run.config.gate_init_prob, round_to=self.s.round_to
+        ).to(self.device)
         self.gates.attach(self.model, run.net.graph)
         self.module = GatedNet(self.model, self.gates)
         self.criterion = run.criterion.to(self.device)
         self.train_loader, self.val_loader, self.sampler = _loaders(run)
         self.steps_per_epoch = len(self.train_loader)
-        hold = max(1, round(self.s.hold_epochs * self.steps_per_epoch))
-        self.controller = (
-            BudgetController(run.target, run.config.criteria_weight, hold_steps=hold)
-            if run.target
-            else None
-        )
+        self.budget = self._budget()
         self.lam = run.config.criteria_weight
         self.optimizer = self._optimizer()
+        if self.budget is not None:
+            self.lam = self.budget.controller.update(
+                0, 1.0, learning_rate(self.s, 0, self.steps_per_epoch),
+                self.run.config.gate_init_prob * (1 - self.run.config.gate_init_prob),
+            )
         self.amp = self.s.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch, self.step = 0, 0
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
+        self._moves = (self.budget.closed, self.budget.reopened) if self.budget else (0, 0)
         self.ddp = self._wrap()
 
     # -- setup
+    def _budget(self) -> Budget | None:
+        run, s = self.run, self.s
+        if run.target is None:
+            return None
+        hold = max(0, round(s.hold_epochs * self.steps_per_epoch))
+        sched = BudgetSchedule.for_run(
+            run.target, s.epochs * self.steps_per_epoch, budget_at=s.budget_at, hold_steps=hold
+        )
+        p = run.config.gate_init_prob
+        return Budget(sched, self.criterion, theta0=math.log(p / (1 - p)),
+                      gamma=run.config.gradient_multiplier, momentum=s.momentum)
+
     def _weights(self) -> torch.Tensor:
         kept = torch.tensor(self.gates.kept_channels(), dtype=torch.float64)
         return self.criterion.edge_weights(kept)
@@ -420,7 +455,7 @@ class _Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "lam": self.lam,
-            "controller": self.controller.state_dict() if self.controller else None,
+            "controller": self.budget.state_dict() if self.budget else None,
             "scaler": self.scaler.state_dict() if self.amp else None,
             "signature": model_signature(self.run.net.graph),
             "num_classes": self.run.net.num_classes,
@@ -456,8 +491,8 @@ class _Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         m = ckpt.meta
         self.epoch, self.step, self.lam = int(m["epoch"]), int(m["step"]), float(m["lam"])
-        if self.controller is not None and m.get("controller"):
-            self.controller.load_state_dict(m["controller"])
+        if self.budget is not None and m.get("controller"):
+            self.budget.load_state_dict(m["controller"])
         if self.amp and m.get("scaler"):
             self.scaler.load_state_dict(m["scaler"])
         torch.set_rng_state(ckpt.tensors["rng.cpu"])
@@ -480,47 +515,17 @@ class _Trainer:
         for x, y in self.train_loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    @torch.no_grad()
-    def _limit_overshoot(self) -> None:
-        """Never let a step take the kept network below the budget by more than needed.
-
-        Logits can fall together (the cost step is the same for every edge), so one step may
-        close far more than needed, and after the budget is met the gates still move under the
-        task loss. Whenever a step ends within budget, the channels that crossed zero in it
-        (mask open, logit < 0) are re-opened, least negative first, while the kept network
-        stays within budget; their logits are set to +0.01 and the gates' momentum is cleared.
-        """
-        c, g = self.controller, self.gates
-        if c is None:
-            return
-        metric, tau = c.target.metric, c.target.fraction
-        kept = torch.tensor(g.kept_channels(), dtype=torch.float64)
-        if self.criterion.fraction(metric, kept) > tau:
-            return
-        cands = sorted(
-            ((float(t[i]), e, int(i)) for e, t in enumerate(g.logits)
-             for i in torch.nonzero(g.mask(e) & (t < 0)).flatten()),
-            reverse=True,
-        )  # fmt: skip
-        for _theta, e, i in cands:
-            kept[e] += 1
-            if self.criterion.fraction(metric, kept) > tau:
-                break
-            g.logits[e][i] = 0.01
-        for theta in g.logits:
-            self.optimizer.state.get(theta, {}).pop("momentum_buffer", None)
-
     def _after_step(self) -> None:
         if not self.gates_training:
             return
-        self._limit_overshoot()
-        self.gates.update_masks()
+        if self.budget is None:
+            self.gates.update_masks()
+        else:
+            lr = learning_rate(self.s, self.step, self.steps_per_epoch)
+            self.last_budget = self.budget.step(self.step, self.gates, lr=lr,
+                                                optimizer=self.optimizer)
+            self.lam = self.last_budget.lam
         kept = torch.tensor(self.gates.kept_channels(), dtype=torch.float64)
-        if self.controller is not None:
-            metric = self.controller.target.metric
-            with torch.no_grad():
-                expected = self.criterion.fraction(metric, self.gates.expected_channels())
-            self.lam = self.controller.update(expected, self.criterion.fraction(metric, kept))
         refresh_gate_groups(
             self.optimizer.param_groups,
             self.criterion.edge_weights(kept),
@@ -529,12 +534,14 @@ class _Trainer:
         )
         if self._should_freeze():
             self.gates.freeze()
+            with recalibrated_norms(self.model, self._calibration_batches(), restore=False):
+                pass  # fine-tuning starts from the kept network's own statistics
             self.ddp = self._wrap()  # DDP must forget the logits, which no longer get grads
             self.log(f"epoch {self.epoch + 1} step {self.step}: gates frozen, fine-tuning weights")
 
     def _should_freeze(self) -> bool:
-        if self.controller is not None:
-            return self.controller.done
+        if self.budget is not None:
+            return self.budget.done(self.step)
         ge = self.s.gate_epochs
         return ge is not None and self.step >= ge * self.steps_per_epoch
 
@@ -561,6 +568,10 @@ class _Trainer:
                 no_sync=no_sync,
                 autocast=self._autocast,
             )
+            if self.gates_training:
+                self.gates.update_importance(
+                    scale=float(self.scaler.get_scale()) if self.amp else 1.0,
+                    reduce=dist.all_reduce if self.run.dist.enabled else None)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
@@ -571,8 +582,25 @@ class _Trainer:
         ce_sum, correct, n = _reduce_sum(totals[:3], self.run.dist, self.device)
         return ce_sum / max(n, 1), correct / max(n, 1), totals[3], base
 
-    @torch.no_grad()
+    def _calibration_batches(self) -> Iterator[torch.Tensor]:
+        """The first training images, in file order (no RNG used), on every rank alike."""
+        loader = DataLoader(self.run.data.train, max(1, self.s.batch_size // self.run.dist.world),
+                            shuffle=False, num_workers=0)
+        for i, (x, _) in enumerate(loader):
+            if i >= CALIBRATION_BATCHES:
+                return
+            yield x.to(self.device)
+
     def evaluate(self) -> float:
+        """Val accuracy of the deterministic gates; while they train, with batch norms
+        recalibrated for the kept network (:mod:`gator_hw.train.norms`)."""
+        if not self.gates_training:
+            return self._evaluate()
+        with recalibrated_norms(self.model, self._calibration_batches()):
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
         self.ddp.eval()
         correct, n = 0.0, 0.0
         for x, y in self.val_loader:
@@ -590,6 +618,10 @@ class _Trainer:
         tgt = self.run.target
         met = tgt is not None and fr.get(tgt.metric, 1.0) <= tgt.fraction
         gates = "frozen" if self.gates.frozen else "training"
+        b = self.budget
+        moves = (b.closed, b.reopened) if b is not None else (0, 0)
+        closed, reopened = (m - m0 for m, m0 in zip(moves, self._moves, strict=True))
+        self._moves = moves
         return EpochRow(
             self.epoch,
             lr,
@@ -604,6 +636,9 @@ class _Trainer:
             met,
             gates,
             time.perf_counter() - t0,
+            ceiling=b.schedule.ceiling(self.step) if b is not None else None,
+            closed=closed,
+            reopened=reopened,
         )
 
 
@@ -647,7 +682,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
             write_json(run.out / "settings.json", _meta_settings(settings, run))
     if settings.amp and not tr.amp:
         tr.log("--amp needs CUDA; training in float32")
-    tr.log(f"{run.net} | {run.data} | {run.criterion} | budget {run.target or 'none'}")
+    tr.log(f"{run.net} | {run.data} | {run.criterion} | budget {tr.budget or 'none'}")
     rows = []
     while tr.epoch < settings.epochs:
         t0 = time.perf_counter()
@@ -670,6 +705,13 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
     met = None if run.target is None else fr[run.target.metric] <= run.target.fraction
     if run.dist.main:
         write_json(run.out / "plan.json", _plan(tr, fr, met))
+    if met is False:
+        t = run.target
+        raise GatorError(
+            f"budget {t} not met: the kept network is predicted at {fr[t.metric]:.3f} after "
+            f"{settings.epochs} epochs; resume with more --epochs or an earlier --budget-at "
+            f"(run folder {run.out})"
+        )
     return TrainResult(run.out, rows, kept, fr, met, tr.gates.kept_indices())
 
 
