@@ -17,13 +17,16 @@ the same share of the run at 5 or 5,000 steps per epoch:
   gradients measure how much the task needs them, and not near 0.5, where the trained and the
   deterministic network part ways.
 * **Projection** (:func:`enforce_ceiling`, :func:`limit_overshoot`): after every step the kept
-  network is held at the ceiling from both sides. If it costs more, the open channels with the
-  lowest logits are pruned for good: the cost push is equal for all logits, and the task's
-  gradient reaches each logit scaled by ``1 / w_e``, so a logit ranks a channel by its
-  importance per unit of (latency) cost. If many logits crossed zero at once and took it below
-  the ceiling, those that crossed are re-opened, least negative first, while it stays within.
-  So the budget is met by ``reach_step`` whatever the data and the gains, and no step removes
-  more than the schedule allows.
+  network is held at the ceiling from both sides. If it costs more, the open channels that
+  matter least per unit of cost saved are pruned for good (HALP's greedy knapsack order): a
+  channel's importance is the running mean of its gate's squared batch gradient (the Taylor
+  estimate of what closing it costs the task, :meth:`GateSet.update_importance`), and the cost
+  is what the criterion predicts it saves at the current widths: with a latency config, the
+  cost model's own prediction, staircase included (channels then close in blocks of 8 to 64
+  where a single channel saves nothing). If logits crossed zero faster than the ceiling falls,
+  those that crossed are re-opened, least negative first, while it stays within. So the budget
+  is met by ``reach_step`` whatever the data and the gains, no step removes more than the
+  schedule allows, and the final network lands on the budget rather than below it.
 """
 
 from __future__ import annotations

@@ -173,3 +173,32 @@ def test_enforce_ceiling_prunes_lowest_logits_first_and_limit_overshoot_reopens(
         enforce_ceiling(gates, crit, "flops", 1e-6)
     one_line_error(exc, "larger --target")
 
+
+
+def test_enforce_ceiling_prunes_least_important_per_cost_and_lands_on_the_ceiling() -> None:
+    g = cached_network("resnet20").graph
+    crit = CostCriterion(g, GatingConfig())
+    gates = GateSet.from_graph(g, 0.9)
+    per_channel = crit.edge_weights(crit.full_widths)  # FLOPs saved per channel, per edge
+    with torch.no_grad():
+        gates.importance.fill_(1.0)
+    # equal importance: the edges whose channels cost the most go first (cost knapsack)
+    enforce_ceiling(gates, crit, "flops", 0.97)
+    hit = {e for e in range(g.n_edges) if not bool(gates.mask(e).all())}
+    top = {e for e in range(g.n_edges) if float(per_channel[e]) >= float(per_channel.max()) * 0.999}
+    assert top & hit and len(hit - top) <= 1  # plus at most the one unit that lands it
+    # zero importance goes first whatever it costs
+    gates = GateSet.from_graph(g, 0.9)
+    cheap = int(torch.argmin(per_channel))
+    with torch.no_grad():
+        gates.importance.fill_(1.0)
+        s = sum(gates.channels[:cheap])
+        gates.importance[s:s + 5] = 0.0
+    enforce_ceiling(gates, crit, "flops", 0.999)
+    assert (~gates.mask(cheap)).sum() >= 1
+    assert not (~gates.mask(cheap))[5:].any()  # only the unimportant ones of that edge
+    # the kept network ends just under the ceiling (within one channel's cost)
+    for ceiling in (0.8, 0.6, 0.45):
+        enforce_ceiling(gates, crit, "flops", ceiling)
+        f = crit.fraction("flops", torch.tensor(gates.kept_channels(), dtype=torch.float64))
+        assert ceiling - 2 * float(per_channel.max()) <= f <= ceiling

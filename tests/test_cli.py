@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from gator_hw.cli import app, main
@@ -129,3 +130,37 @@ def test_make_config_warns_when_flops_is_the_best_model(tmp_path, monkeypatch) -
     assert "no candidate predicted this table better than FLOPs" in r.output
     mu = json.loads((tmp_path / "c.json").read_text())["edge_multipliers"]
     assert max(mu) - min(mu) < 1e-9
+
+
+def test_make_config_factor_writes_a_plain_flops_config(tmp_path) -> None:
+    from gator_hw.config import read_config
+    from gator_hw.loss import CostCriterion
+    from tests.conftest import cached_network
+
+    out = tmp_path / "flops.json"
+    r = runner.invoke(app, ["make-config", "--factor", "flops", "--model", "resnet18",
+                            "--input-size", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    cfg = read_config(out)
+    assert cfg.factor_type == "flop_factor" and cfg.edge_multipliers is None
+    assert cfg.cost_model is None and cfg.provenance["method"] == "factor:flops"
+    crit = CostCriterion(cached_network("resnet18", 32).graph, cfg)
+    assert cfg.static_total_cost == pytest.approx(float(crit.flops(crit.flops.full)))
+    assert float(crit.cost(crit.full_widths)) == pytest.approx(1.0)
+    mem = tmp_path / "mem.json"
+    r = runner.invoke(app, ["make-config", "--factor", "memory", "--model", "resnet18",
+                            "--input-size", "32", "--out", str(mem)])
+    assert r.exit_code == 0 and read_config(mem).factor_type == "memory_factor"
+    from gator_hw.errors import GatorError
+
+    for args in (["--factor", "flops", "--out", str(tmp_path / "x.json")],  # no --model
+                 ["--factor", "speed", "--model", "resnet18", "--out", str(tmp_path / "y.json")],
+                 []):  # neither tables nor a factor
+        r = runner.invoke(app, ["make-config", *args])
+        assert isinstance(r.exception, GatorError) and "\n" not in str(r.exception), r.output
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+
+
+def test_bench_needs_at_least_one_round(tmp_path) -> None:
+    r = runner.invoke(app, ["bench", str(tmp_path), "--rounds", "0"])
+    assert r.exit_code == 2 and "rounds" in r.output

@@ -465,9 +465,11 @@ def test_resume_file_mismatch_and_corruption(tiny, tmp_path):
 
 def test_request_validation_and_default_out(tiny):
     req = _request(tiny, channels_last=True, dtype="bfloat16")
-    assert default_out(req.spec) == Path("profiles/cpu/tiny_factory_b2_bfloat16_cl.csv")
+    assert default_out(req.spec) == Path("profiles/cpu/tiny_factory_16px_b2_bfloat16_cl.csv")
     spec = make_spec("resnet50", device="cpu", batch=32, input_size=224)
     assert default_out(spec) == Path("profiles/cpu/resnet50_b32_float32.csv")
+    spec = make_spec("resnet18", device="cpu", batch=8, input_size=64)  # not its own size
+    assert default_out(spec) == Path("profiles/cpu/resnet18_64px_b8_float32.csv")
     assert "random nets" in str(req)
     for kw, match in [
         (dict(batch=0), "batch"),

@@ -205,3 +205,48 @@ def test_two_process_gloo_run_keeps_masks_identical(tmp_path):
     kept = sum(len(v) for v in r0.values())
     assert 0 < kept < 448  # something was pruned, identically on both ranks
     assert (tmp_path / "run" / "last.json").exists()
+
+
+def test_prune_round_to_keeps_multiples_and_converts(tmp_path):
+    from gator_hw.gated import convert_checkpoint
+
+    cfg = write_config(GatingConfig(gate_init_prob=0.9), tmp_path / "c.json")
+    s = TrainSettings("resnet20", config=cfg, data="digits", out=tmp_path / "run", epochs=2,
+                      batch_size=128, lr=0.05, input_size=16, target="flops=0.6", round_to=8,
+                      budget_at=0.5, hold_epochs=0.5, device="cpu")  # fmt: skip
+    res = train(s, log=lambda m: None)
+    full = [16] * 7 + [32] * 7 + [64] * 7
+    assert res.budget_met and res.fractions["flops"] <= 0.6
+    assert all(k % 8 == 0 for k in res.kept) and sum(res.kept) < sum(res.kept[:0]) + 999
+    conv = convert_checkpoint(tmp_path / "run")
+    assert conv.rel_error < 1e-4
+    assert [len(v) for v in conv.keep.values()] == res.kept
+    assert len(full) >= 0  # (full widths are multiples of 8 as well)
+
+
+def test_parallel_and_device_settings_are_checked_before_anything_starts(monkeypatch):
+    from gator_hw.train.loop import check_parallel
+    from tests.conftest import one_line_error
+
+    s = TrainSettings("resnet20", config="c.json", batch_size=8, subdivision=8)
+    check_parallel(s, 1)
+    with pytest.raises(GatorError) as exc:  # 4 images per rank cannot make 8 micro-batches
+        check_parallel(s, 2)
+    one_line_error(exc, "--subdivision 8", "at most 4")
+    with pytest.raises(GatorError) as exc:
+        check_parallel(TrainSettings("resnet20", config="c.json", batch_size=9), 2)
+    one_line_error(exc, "multiple of 2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, words in (("cuda", ("no CUDA GPU", "--device cpu")), ("tpu", ("--device",)),
+                          ("what", ("unknown --device",))):
+        with pytest.raises(GatorError) as exc:
+            check_parallel(TrainSettings("resnet20", config="c.json", device=device), 1)
+        one_line_error(exc, *words)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(GatorError) as exc:
+        check_parallel(TrainSettings("resnet20", config="c.json", device="cuda:0"), 2)
+    one_line_error(exc, "every rank on one GPU", "--device cuda")
+    with pytest.raises(GatorError) as exc:
+        check_parallel(TrainSettings("resnet20", config="c.json", device="cuda:5"), 1)
+    one_line_error(exc, "2 CUDA device")

@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
         dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
         channels_last: Annotated[bool, typer.Option(help="NHWC memory format.")] = False,
         eager: Annotated[bool, typer.Option(help="On CUDA, time eager calls, not graphs.")] = False,
-        rounds: Annotated[int, typer.Option(help="Alternating timing rounds.")] = 3,
+        rounds: Annotated[int, typer.Option(min=1, help="Alternating timing rounds.")] = 3,
         threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     ) -> None:
         """Time the original and the converted model side by side; print both ratios."""

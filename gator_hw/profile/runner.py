@@ -206,14 +206,21 @@ class ProfileResult:
 
 
 def default_out(spec: TimingSpec) -> Path:
-    """``profiles/<device-slug>/<model>_b<batch>_<dtype>[_cl].csv``."""
+    """``profiles/<device-slug>/<model>[_<size>px]_b<batch>_<dtype>[_cl].csv``.
+
+    The input size is in the name when it is not the model's own (224, 299, 32).
+    """
+    from gator_hw.models import default_input_size
+
     name = spec.model
     if ":" in name:  # file.py:factory -> file_factory
         path, factory = name.rsplit(":", 1)
         name = f"{Path(path).stem}_{factory}"
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     cl = "_cl" if spec.channels_last else ""
-    return Path("profiles") / device_slug(spec) / f"{name}_b{spec.batch}_{spec.dtype}{cl}.csv"
+    size = "" if spec.input_size == default_input_size(spec.model) else f"_{spec.input_size}px"
+    return Path("profiles") / device_slug(spec) / (
+        f"{name}{size}_b{spec.batch}_{spec.dtype}{cl}.csv")
 
 
 def cells_path(table_path: str | Path) -> Path:

@@ -243,8 +243,46 @@ class _Dist:
         return self.rank == 0
 
 
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_parallel(s: TrainSettings, world: int) -> None:
+    """GatorError for a batch, subdivision or device that the ranks cannot share."""
+    if s.batch_size % world:
+        raise GatorError(
+            f"--batch-size {s.batch_size} does not divide into {world} ranks; use a multiple "
+            f"of {world} (each rank takes an equal share)"
+        )
+    if s.subdivision > s.batch_size // world:
+        raise GatorError(
+            f"--subdivision {s.subdivision} is larger than the {s.batch_size // world} images "
+            f"each of the {world} ranks gets per step; use at most {s.batch_size // world}"
+        )
+    hint = s.device
+    if hint is None:
+        return
+    try:
+        dev = torch.device(hint)
+    except (RuntimeError, ValueError):
+        raise GatorError(f"unknown --device {hint!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise GatorError(f"--device {hint!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GatorError(f"--device {hint} but no CUDA GPU is visible; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise GatorError(
+            f"--device {hint}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    if dev.type == "cuda" and dev.index is not None and world > 1:
+        raise GatorError(
+            f"--device {hint} would put every rank on one GPU; under torchrun pass --device "
+            "cuda (each rank takes the GPU of its LOCAL_RANK)"
+        )
+
+
 def _init_dist(device_hint: str | None) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world()
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device_hint != "cpu"
     device = torch.device(device_hint or ("cuda" if cuda else "cpu"))
@@ -294,6 +332,7 @@ class _Run:
 def _prepare(s: TrainSettings) -> _Run:
     """Validate every input before anything is written (GatorError on the first problem)."""
     s.check()
+    check_parallel(s, _world())
     d, device = _init_dist(s.device)
     config = read_config(s.config)
     target = BudgetTarget.parse(s.target) if s.target else None
@@ -336,7 +375,7 @@ def _prepare(s: TrainSettings) -> _Run:
 
 def _loaders(run: _Run) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
     s, d = run.settings, run.dist
-    per_rank = max(1, s.batch_size // d.world)
+    per_rank = s.batch_size // d.world  # check_parallel: divides, and >= subdivision
     sampler = (
         DistributedSampler(run.data.train, d.world, d.rank, seed=s.seed) if d.enabled else None
     )
