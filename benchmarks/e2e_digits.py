@@ -36,14 +36,16 @@ def accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
     return correct / n
 
 
-def train_base(out: Path, epochs: int, seed: int) -> tuple[Path, float]:
-    """Plain SGD + cosine training of ResNet-20 on digits; returns weights path and val acc."""
+def train_base(out: Path, epochs: int, seed: int, *, model_name: str = "resnet20",
+               size: int = 32, lr: float = 0.1,
+               log=lambda m: print(m, flush=True)) -> tuple[Path, float]:
+    """Plain SGD + cosine training on digits; returns weights path and val acc."""
     torch.manual_seed(seed)
-    data = load_data("digits", 32, seed=seed)
-    model = build_model("resnet20", 10, seed=seed)
+    data = load_data("digits", size, seed=seed)
+    model = build_model(model_name, 10, seed=seed)
     tl = DataLoader(data.train, 64, shuffle=True, drop_last=True)
     vl = DataLoader(data.val, 256)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(tl))
     for ep in range(epochs):
         model.train()
@@ -52,17 +54,18 @@ def train_base(out: Path, epochs: int, seed: int) -> tuple[Path, float]:
             F.cross_entropy(model(x), y).backward()
             opt.step()
             sched.step()
-        print(f"base epoch {ep + 1}: val acc {100 * accuracy(model, vl):.2f}%", flush=True)
+        log(f"base epoch {ep + 1}: val acc {100 * accuracy(model, vl):.2f}%")
     path = out / "base.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path, accuracy(model, vl)
 
 
-def base_accuracy(weights: Path, seed: int) -> float:
+def base_accuracy(weights: Path, seed: int, *, model_name: str = "resnet20",
+                  size: int = 32) -> float:
     """Validation accuracy of saved unpruned weights."""
-    model = build_model("resnet20", 10, seed=seed)
+    model = build_model(model_name, 10, seed=seed)
     model.load_state_dict(load_file(str(weights)))
-    return accuracy(model, DataLoader(load_data("digits", 32, seed=seed).val, 256))
+    return accuracy(model, DataLoader(load_data("digits", size, seed=seed).val, 256))
 
 
 def main() -> None:

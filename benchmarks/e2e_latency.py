@@ -2,7 +2,9 @@
 
 On one device, end to end (every stage is cached in OUT, so a re-run resumes):
 
-1. profile ResNet-18 (64 px, batch 8, 10 classes) on this device, or reuse ``--table``;
+1. profile ResNet-18 (64 px, batch 8, 10 classes) on this device, or reuse ``--table``
+   (edges probed down to 1/8 of their width, random nets down to 5 %: the cost model must know
+   the deeply pruned nets that small budgets give);
 2. make the latency config (cost model embedded) and a plain FLOPs config;
 3. train the unpruned network on scikit-learn's digits (or reuse ``--base-weights``);
 4. for each budget b: prune with the latency config to ``latency=b``, then with the FLOPs
@@ -27,9 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from e2e_digits import base_accuracy, train_base
 
 from gator_hw.atomic import write_json, write_text
 from gator_hw.config import GatingConfig, read_config, write_config
@@ -38,12 +38,11 @@ from gator_hw.costmodel.embedded import embedded_cost_model
 from gator_hw.costmodel.make import factor_config, make_config
 from gator_hw.evaluate import compare_latency
 from gator_hw.gated import convert_checkpoint
-from gator_hw.models import build_model
 from gator_hw.network import load_network
 from gator_hw.profile.runner import ProfileRequest, run
 from gator_hw.profile.timing import make_spec
 from gator_hw.slim import slim
-from gator_hw.train import TrainSettings, load_data, train
+from gator_hw.train import TrainSettings, train
 
 MODEL, SIZE, BATCH, CLASSES = "resnet18", 64, 8, 10
 
@@ -52,21 +51,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
-    model.eval()
-    correct = n = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-            n += len(y)
-    return correct / n
-
-
 def profile_table(out: Path, random_nets: int) -> Path:
     path = out / "profile" / f"{MODEL}_{SIZE}px_b{BATCH}_float32.csv"
     req = ProfileRequest.create(MODEL, device="cpu", batch=BATCH, input_size=SIZE,
-                                widths="0.25,0.5,0.75", random_nets=random_nets, rounds=3,
-                                threads=1, num_classes=CLASSES)
+                                widths="0.125,0.25,0.5,0.75", random_nets=random_nets,
+                                random_min_keep=0.05, rounds=3, threads=1,
+                                num_classes=CLASSES)
     return run(req, path, progress=False).table_path
 
 
@@ -82,31 +72,6 @@ def configs(out: Path, table: Path, gamma: float) -> tuple[Path, Path]:
         write_config(factor_config("flops", MODEL, input_size=SIZE, num_classes=CLASSES,
                                    template=template), flops)
     return lat, flops
-
-
-def train_base(out: Path, epochs: int, seed: int) -> tuple[Path, float]:
-    """Plain SGD + cosine training on digits; returns the weights and their val acc."""
-    path = out / "base.safetensors"
-    data = load_data("digits", SIZE, seed=seed)
-    vl = DataLoader(data.val, 256)
-    model = build_model(MODEL, CLASSES, seed=seed)
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return path, accuracy(model, vl)
-    torch.manual_seed(seed)
-    tl = DataLoader(data.train, 64, shuffle=True, drop_last=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(tl))
-    for ep in range(epochs):
-        model.train()
-        for x, y in tl:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
-        log(f"base epoch {ep + 1}: val acc {100 * accuracy(model, vl):.2f}%")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path, accuracy(model, vl)
 
 
 def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dict:
@@ -213,7 +178,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/e2e_latency"))
     ap.add_argument("--table", type=Path, default=None, help="reuse a profile table")
-    ap.add_argument("--random-nets", type=int, default=40)
+    ap.add_argument("--random-nets", type=int, default=48)
     ap.add_argument("--budgets", default="0.7,0.5,0.35")
     ap.add_argument("--base-epochs", type=int, default=15)
     ap.add_argument("--base-weights", type=Path, default=None)
@@ -233,12 +198,10 @@ def main() -> None:
     table = a.table or profile_table(a.out, a.random_nets)
     lat_cfg, flops_cfg = configs(a.out, table, a.gamma)
     torch.set_num_threads(a.train_threads)
-    weights, base_acc = (a.base_weights, None) if a.base_weights else train_base(
-        a.out, a.base_epochs, a.seed)
-    if base_acc is None:
-        m = build_model(MODEL, CLASSES, seed=a.seed)
-        m.load_state_dict(load_file(str(weights)))
-        base_acc = accuracy(m, DataLoader(load_data("digits", SIZE, seed=a.seed).val, 256))
+    weights = a.base_weights or a.out / "base.safetensors"
+    if not weights.exists():
+        train_base(a.out, a.base_epochs, a.seed, model_name=MODEL, size=SIZE, lr=0.05, log=log)
+    base_acc = base_accuracy(weights, a.seed, model_name=MODEL, size=SIZE)
     log(f"unpruned val acc {100 * base_acc:.2f}%")
     runs = []
     for b in [float(x) for x in a.budgets.split(",")]:

@@ -20,7 +20,8 @@ the same share of the run at 5 or 5,000 steps per epoch:
   network is held at the ceiling from both sides. If it costs more, the open channels that
   matter least per unit of cost saved are pruned for good (HALP's greedy knapsack order): a
   channel's importance is the running mean of its gate's squared batch gradient (the Taylor
-  estimate of what closing it costs the task, :meth:`GateSet.update_importance`), and the cost
+  estimate of what closing it costs the task, :meth:`GateSet.update_importance`), normalised
+  by its edge's mean so that layers compare (see :func:`_units`), and the cost
   is what the criterion predicts it saves at the current widths: with a latency config, the
   cost model's own prediction, staircase included (channels then close in blocks of 8 to 64
   where a single channel saves nothing). If logits crossed zero faster than the ceiling falls,
@@ -232,13 +233,20 @@ def _units(
     (ties: by logit), and a unit takes the edge's open count down to the next multiple of its
     block; an edge that must keep channels never loses its last unit. A unit's score is its
     channels' importance over the cost it saves, HALP's greedy knapsack order; its mean logit
-    breaks ties.
+    breaks ties. Importances are divided by the mean over all the edge's channels, pruned ones
+    included (layer-wise normalisation, as Molchanov et al. 2017 do for Taylor scores): raw
+    gate gradients differ by orders of magnitude between layers and would decide the
+    allocation alone; normalised, the cost model decides between edges, and an edge's last
+    channels, its most important, grow dearer as it shrinks.
     """
     edges, sizes, starts, scores, ties, order = [], [], [], [], [], []
     for e, g in enumerate(open_sets):
         idx = torch.nonzero(g > 0).flatten()
         theta = gates.logits[e].detach()[idx].to(torch.float64).cpu()
-        imp = gates.edge_importance(e)[idx].to(torch.float64).cpu()
+        every = gates.edge_importance(e).to(torch.float64).cpu()
+        imp = every[idx.cpu()]
+        if float(every.mean()) > 0:  # layer-wise normalisation over the edge's channels
+            imp = imp / every.mean()
         srt = torch.argsort(theta, stable=True)
         srt = srt[torch.argsort(imp[srt], stable=True)]
         order.append(idx[srt])

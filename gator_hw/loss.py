@@ -1,4 +1,4 @@
-"""The hardware cost ("criteria") loss, per-edge gate learning rates and the budget controller.
+"""The hardware cost ("criteria") loss and the per-edge gate learning rates.
 
 Cost of a network as a function of its edge widths (METHOD.md §3)
 ------------------------------------------------------------------

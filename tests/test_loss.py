@@ -172,3 +172,35 @@ def test_gate_param_groups_scale_lr_by_inverse_weight(tiny):
     refresh_gate_groups(groups, torch.tensor([0.1, 0.0]), gamma=0.2, weight_decay=1e-4)
     assert groups[0]["lr_scale"] == pytest.approx(2.0)
     assert groups[1]["lr_scale"] == pytest.approx(0.2 / (0.01 * 0.1))  # floored weight
+
+
+def test_published_configs_train_with_exactly_the_multiplied_cost(reference_dir):
+    """Without a cost model nothing changed: the loss is lambda * C_mu(n) / S, value and
+    gradient, computed here from the quadratic forms by hand."""
+    r50 = cached_network("resnet50")
+    cfg = read_config(reference_dir / "resnet_50_flops_rel_timing_config_batch_32.json")
+    assert cfg.cost_model is None
+    crit = CostCriterion(r50.graph, cfg)
+    assert crit.latency is None and crit.source == "edge multipliers"
+    q, mu = crit.flops, torch.tensor(cfg.edge_multipliers, dtype=torch.float64)
+    gates = GateSet.from_graph(r50.graph, cfg.gate_init_prob)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for t in gates.logits:
+            t.add_(torch.randn_like(t))
+    n = gates.expected_channels().detach().to(torch.float64)
+    full, d = q.full, n - q.full
+    mid = (q.full + n) / 2
+    by_hand = q(full) + (mu * d * (q.linear + q.quad @ mid)).sum()
+    loss = crit.loss(gates)
+    assert float(loss.detach()) == pytest.approx(cfg.criteria_weight * float(by_hand) /
+                                        cfg.static_total_cost, rel=1e-6)
+    loss.backward()
+    # d loss / d theta_c = lambda * w_e * sigmoid'(theta_c), w_e = mu_e dC/dn_e at the mid-path
+    x = n.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(q.weighted(x, mu), x)
+    for e in (0, 7, 36):
+        t = gates.logits[e].detach().to(torch.float64)
+        want = cfg.criteria_weight * g[e] / cfg.static_total_cost * torch.sigmoid(t) * (
+            1 - torch.sigmoid(t))
+        assert torch.allclose(gates.logits[e].grad.to(torch.float64), want, rtol=1e-4)

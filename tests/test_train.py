@@ -225,28 +225,27 @@ def test_prune_round_to_keeps_multiples_and_converts(tmp_path):
 
 
 def test_parallel_and_device_settings_are_checked_before_anything_starts(monkeypatch):
-    from gator_hw.train.loop import check_parallel
+    from gator_hw.train.distributed import check_parallel
     from tests.conftest import one_line_error
 
-    s = TrainSettings("resnet20", config="c.json", batch_size=8, subdivision=8)
-    check_parallel(s, 1)
+    check_parallel(8, 8, None, 1)
     with pytest.raises(GatorError) as exc:  # 4 images per rank cannot make 8 micro-batches
-        check_parallel(s, 2)
+        check_parallel(8, 8, None, 2)
     one_line_error(exc, "--subdivision 8", "at most 4")
     with pytest.raises(GatorError) as exc:
-        check_parallel(TrainSettings("resnet20", config="c.json", batch_size=9), 2)
+        check_parallel(9, 1, None, 2)
     one_line_error(exc, "multiple of 2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device, words in (("cuda", ("no CUDA GPU", "--device cpu")), ("tpu", ("--device",)),
                           ("what", ("unknown --device",))):
         with pytest.raises(GatorError) as exc:
-            check_parallel(TrainSettings("resnet20", config="c.json", device=device), 1)
+            check_parallel(64, 1, device, 1)
         one_line_error(exc, *words)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(GatorError) as exc:
-        check_parallel(TrainSettings("resnet20", config="c.json", device="cuda:0"), 2)
+        check_parallel(64, 1, "cuda:0", 2)
     one_line_error(exc, "every rank on one GPU", "--device cuda")
     with pytest.raises(GatorError) as exc:
-        check_parallel(TrainSettings("resnet20", config="c.json", device="cuda:5"), 1)
+        check_parallel(64, 1, "cuda:5", 1)
     one_line_error(exc, "2 CUDA device")

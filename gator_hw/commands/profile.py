@@ -105,6 +105,14 @@ def register(app: typer.Typer) -> None:
                 "to multiples of 8) for validating cost models.",
             ),
         ] = 0,
+        random_min_keep: Annotated[
+            float | None,
+            typer.Option(
+                "--random-min-keep",
+                help="Lowest per-edge keep ratio of the random nets (default 0.25); lower it "
+                "(e.g. 0.05) so the cost model sees the deeply pruned nets small budgets give.",
+            ),
+        ] = None,
         rounds: Annotated[
             int,
             typer.Option(
@@ -165,6 +173,7 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             seed=seed,
             num_classes=num_classes,
+            random_min_keep=random_min_keep,
         )
         result = run(
             request,

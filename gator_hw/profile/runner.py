@@ -103,6 +103,7 @@ class ProfileRequest:
     rounds: int = 3
     seed: int = 0
     num_classes: int = 1000
+    random_min_keep: float | None = None
 
     @classmethod
     def create(
@@ -125,6 +126,7 @@ class ProfileRequest:
         repeats: int | None = None,
         warmup: int | None = None,
         interleave: bool | None = None,
+        random_min_keep: float | None = None,
     ) -> ProfileRequest:
         """Validate user options and resolve the device (GatorError on any mistake)."""
         fractions = parse_widths(widths)
@@ -134,6 +136,10 @@ class ProfileRequest:
             raise GatorError(f"--rounds must be >= 1, got {rounds}")
         if random_nets < 0:
             raise GatorError(f"--random-nets must be >= 0, got {random_nets}")
+        if random_min_keep is not None and not 0.0 < random_min_keep <= 1.0:
+            raise GatorError(
+                f"--random-min-keep must be in (0, 1], got {random_min_keep}; e.g. 0.05"
+            )
         if round_to is not None and round_to < 1:
             raise GatorError(f"--round-to must be >= 1 channel, got {round_to}")
         if input_size is not None and input_size < 1:
@@ -151,7 +157,8 @@ class ProfileRequest:
             warmup=warmup,
             interleave=interleave,
         )
-        return cls(spec, fractions, round_to, random_nets, rounds, seed, num_classes)
+        return cls(spec, fractions, round_to, random_nets, rounds, seed, num_classes,
+                   random_min_keep)
 
     def settings(self) -> dict:
         """The profile options as plain data (recorded in the sidecar)."""
@@ -162,6 +169,8 @@ class ProfileRequest:
             "rounds": self.rounds,
             "seed": self.seed,
             "num_classes": self.num_classes,
+            **({} if self.random_min_keep is None else
+               {"random_min_keep": self.random_min_keep}),
         }
 
     def __str__(self) -> str:
@@ -447,6 +456,7 @@ def run(
         round_to=request.round_to,
         random_nets=request.random_nets,
         seed=request.seed,
+        random_min_keep=request.random_min_keep,
     )
     store = _Store(cells_path(path), spec, request.num_classes)
     plan = schedule(variants, request.rounds, request.seed)

@@ -7,7 +7,8 @@ A variant is a channel count for every prunable edge. Three kinds:
   ``f``, optionally rounded to a multiple of ``round_to``, then to a count the edge can keep
   (``graph.valid_keep_count``); the rest full. Id ``e003-k32`` (edge 3 keeps 32 channels).
   Probes that keep every channel, or repeat an earlier probe, are dropped.
-* ``random``: seeded random nets, per-edge keep ratio uniform in [0.25, 1]; every second one
+* ``random``: seeded random nets, per-edge keep ratio uniform in [0.25, 1] (the lower end is
+  ``--random-min-keep``); every second one
   (odd index) has its channel counts rounded to multiples of 8. Id ``r007-1a2b3c4d`` (index
   and a digest of the widths). These are the held-out validation set of the cost model.
 
@@ -153,12 +154,22 @@ def _digest(widths: Sequence[int]) -> str:
     return hashlib.sha1(",".join(map(str, widths)).encode()).hexdigest()[:8]
 
 
-def random_variants(graph: HyperGraph, n: int, seed: int = 0) -> list[Variant]:
-    """``n`` seeded random nets; odd indices have widths rounded to multiples of 8."""
+def random_variants(
+    graph: HyperGraph, n: int, seed: int = 0, min_keep: float | None = None
+) -> list[Variant]:
+    """``n`` seeded random nets; odd indices have widths rounded to multiples of 8.
+
+    Per-edge keep ratios are uniform in [``min_keep``, 1] (default ``RANDOM_KEEP_RANGE``):
+    lower it to cover the deeply pruned nets a small budget produces.
+    """
     if n < 0:
         raise GatorError(f"--random-nets must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
     lo, hi = RANDOM_KEEP_RANGE
+    if min_keep is not None:
+        if not 0.0 < min_keep <= 1.0:
+            raise GatorError(f"--random-min-keep must be in (0, 1], got {min_keep}; e.g. 0.05")
+        lo = min_keep
     out: list[Variant] = []
     for i in range(n):
         ratios = rng.uniform(lo, hi, size=graph.n_edges)
@@ -179,6 +190,7 @@ def build_variants(
     round_to: int | None = None,
     random_nets: int = 0,
     seed: int = 0,
+    random_min_keep: float | None = None,
 ) -> tuple[Variant, ...]:
     """Baseline first, then the single-edge probes, then the random nets."""
     if round_to is not None and round_to < 1:
@@ -186,5 +198,5 @@ def build_variants(
     return (
         baseline_variant(graph),
         *edge_variants(graph, fractions, round_to),
-        *random_variants(graph, random_nets, seed),
+        *random_variants(graph, random_nets, seed, random_min_keep),
     )

@@ -18,7 +18,6 @@ import contextlib
 import csv
 import io
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,14 @@ from gator_hw.train.checkpoint import (
     save_checkpoint,
 )
 from gator_hw.train.data import Datasets, load_data
+from gator_hw.train.distributed import (
+    Dist,
+    check_masks,
+    check_parallel,
+    init_dist,
+    reduce_sum,
+    world_size,
+)
 from gator_hw.train.norms import recalibrated_norms
 
 __all__ = [
@@ -227,93 +234,6 @@ def accumulate_gradients(
     return ce_sum / n, correct
 
 
-# ---------------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_parallel(s: TrainSettings, world: int) -> None:
-    """GatorError for a batch, subdivision or device that the ranks cannot share."""
-    if s.batch_size % world:
-        raise GatorError(
-            f"--batch-size {s.batch_size} does not divide into {world} ranks; use a multiple "
-            f"of {world} (each rank takes an equal share)"
-        )
-    if s.subdivision > s.batch_size // world:
-        raise GatorError(
-            f"--subdivision {s.subdivision} is larger than the {s.batch_size // world} images "
-            f"each of the {world} ranks gets per step; use at most {s.batch_size // world}"
-        )
-    hint = s.device
-    if hint is None:
-        return
-    try:
-        dev = torch.device(hint)
-    except (RuntimeError, ValueError):
-        raise GatorError(f"unknown --device {hint!r}; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise GatorError(f"--device {hint!r} is not supported; use cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GatorError(f"--device {hint} but no CUDA GPU is visible; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise GatorError(
-            f"--device {hint}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
-    if dev.type == "cuda" and dev.index is not None and world > 1:
-        raise GatorError(
-            f"--device {hint} would put every rank on one GPU; under torchrun pass --device "
-            "cuda (each rank takes the GPU of its LOCAL_RANK)"
-        )
-
-
-def _init_dist(device_hint: str | None) -> tuple[_Dist, torch.device]:
-    world = _world()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and device_hint != "cpu"
-    device = torch.device(device_hint or ("cuda" if cuda else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Dist(rank, world, local), device
-
-
-def _check_masks(gates: GateSet, d: _Dist) -> None:
-    if not d.enabled:
-        return
-    digest = gates.mask_digest()
-    lo, hi = digest.clone(), digest.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        raise RuntimeError(f"gate masks differ across ranks (rank {d.rank}): {lo} vs {hi}")
-
-
-def _reduce_sum(values: list[float], d: _Dist, device: torch.device) -> list[float]:
-    if not d.enabled:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # ---------------------------------------------------------------------- the run
 @dataclass
 class _Run:
@@ -325,15 +245,15 @@ class _Run:
     target: BudgetTarget | None
     out: Path
     checkpoint: Checkpoint | None
-    dist: _Dist
+    dist: Dist
     device: torch.device
 
 
 def _prepare(s: TrainSettings) -> _Run:
     """Validate every input before anything is written (GatorError on the first problem)."""
     s.check()
-    check_parallel(s, _world())
-    d, device = _init_dist(s.device)
+    check_parallel(s.batch_size, s.subdivision, s.device, world_size())
+    d, device = init_dist(s.device)
     config = read_config(s.config)
     target = BudgetTarget.parse(s.target) if s.target else None
     ckpt = load_checkpoint(s.resume) if s.resume else None
@@ -618,7 +538,7 @@ class _Trainer:
             with torch.no_grad():
                 cost = float(self.criterion.cost(self.gates.expected_channels()))
             totals = [totals[0] + ce * len(y), totals[1] + correct, totals[2] + len(y), cost]
-        ce_sum, correct, n = _reduce_sum(totals[:3], self.run.dist, self.device)
+        ce_sum, correct, n = reduce_sum(totals[:3], self.run.dist, self.device)
         return ce_sum / max(n, 1), correct / max(n, 1), totals[3], base
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
@@ -648,7 +568,7 @@ class _Trainer:
                 out = self.ddp(x)
             correct += float((out.argmax(1) == y).sum())
             n += len(y)
-        correct, n = _reduce_sum([correct, n], self.run.dist, self.device)
+        correct, n = reduce_sum([correct, n], self.run.dist, self.device)
         return correct / max(n, 1.0)
 
     def row(self, ce: float, acc: float, cost: float, lr: float, val: float, t0: float) -> EpochRow:
@@ -727,7 +647,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
         t0 = time.perf_counter()
         ce, acc, cost, lr = tr.train_epoch()
         val = tr.evaluate()
-        _check_masks(tr.gates, run.dist)
+        check_masks(tr.gates, run.dist)
         tr.epoch += 1
         row = tr.row(ce, acc, cost, lr, val, t0)
         rows.append(row)
