@@ -24,7 +24,8 @@ def test_something_is_shipped() -> None:
 @pytest.mark.parametrize("table", TABLES, ids=lambda p: p.stem)
 def test_shipped_table_loads_against_its_model(table: Path) -> None:
     meta = json.loads(sidecar_path(table).read_text())
-    net = load_network(meta["model"], input_size=meta["input_size"])
+    net = load_network(meta["model"], input_size=meta["input_size"],
+                       num_classes=meta["num_classes"])
     df = read_table(table, net.graph)
     assert meta["n_edges"] == net.graph.n_edges and (df["kind"] == "baseline").any()
     assert meta["device"]["device_name"] and meta["regime"] in ("cpu", "cuda-graph", "cuda-eager")
@@ -34,10 +35,17 @@ def test_shipped_table_loads_against_its_model(table: Path) -> None:
 def test_shipped_config_matches_its_refitted_cost_model(path: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)  # table paths are recorded relative to the repository
     doc = json.loads(path.read_text())
-    net = load_network(doc["model"], input_size=doc["input_shape"][-1])
+    classes = doc["context"].get("num_classes") or 1000
+    net = load_network(doc["model"], input_size=doc["input_shape"][-1], num_classes=classes)
     cm = load_cost_model(path, net.graph)  # re-reads the tables, checks their hashes, refits
     cfg = read_config(path.with_name(path.name.replace(".costmodel.json", ".json")))
     assert len(cfg.edge_multipliers) == net.graph.n_edges
     assert cm.multipliers() == pytest.approx(doc["multipliers"], rel=1e-6)
     assert cfg.edge_multipliers == pytest.approx(doc["multipliers"], rel=1e-6)
     assert cfg.provenance["tables"] == doc["tables"]
+    # the config carries the same model: it rebuilds and predicts what the file does
+    from gator_hw.costmodel.embedded import embedded_cost_model
+
+    assert cfg.cost_model is not None
+    again = embedded_cost_model(cfg.cost_model, net.graph)
+    assert again.multipliers() == pytest.approx(doc["multipliers"], rel=1e-6)

@@ -160,7 +160,9 @@ def register(app: typer.Typer) -> None:
 
         doc = json.loads(model_file.read_text())
         ctx = table_context(doc["tables"][0]["path"]) if doc.get("tables") else {}
-        net = load_network(doc["model"], input_size=doc["input_shape"][-1])
+        classes = (doc.get("context") or {}).get("num_classes") or 1000
+        net = load_network(doc["model"], input_size=doc["input_shape"][-1],
+                           num_classes=int(classes))
         cm = load_cost_model(model_file, net.graph)
         paths = tables or [Path(t["path"]) for t in doc["tables"]]
         scores, detail = validate(cm, load_samples(paths, net.graph))
