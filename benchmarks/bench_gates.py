@@ -46,7 +46,7 @@ def run(a: argparse.Namespace) -> None:
     model, graph = net.model.train(), net.graph
     crit = CostCriterion(graph, GatingConfig())
     gates = GateSet.from_graph(graph, 0.995)
-    widths = torch.tensor(gates.kept_channels(), dtype=torch.float64)
+    widths = gates.kept_widths()
     groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
     groups += gate_param_groups(gates, crit.edge_weights(widths), gamma=0.2, weight_decay=1e-4)
     opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -63,7 +63,7 @@ def run(a: argparse.Namespace) -> None:
         (F.cross_entropy(model(x), y) + crit.loss(gates)).backward()
         opt.step()
         gates.update_masks()
-        kept = torch.tensor(gates.kept_channels(), dtype=torch.float64)
+        kept = gates.kept_widths()
         refresh_gate_groups(opt.param_groups, crit.edge_weights(kept), gamma=0.2, weight_decay=1e-4)
 
     times: dict[str, list[float]] = {"plain": [], "gated": []}

@@ -483,6 +483,10 @@ class Budget:
     def metric(self) -> str:
         return self.target.metric
 
+    def start(self, gates: GateSet, lr: float) -> float:
+        """lambda for the first step, before any update (every gate open)."""
+        return self.controller.update(0, 1.0, lr, _mean_slope(gates))
+
     def done(self, step: int) -> bool:
         return step >= self.schedule.freeze_step
 
@@ -496,11 +500,11 @@ class Budget:
     ) -> BudgetStep:
         """Hold the kept network at the ceiling after ``step`` updates; return the new lambda."""
         c, crit, m = self.schedule.ceiling(step), self.criterion, self.metric
-        natural = crit.fraction(m, _kept(gates))  # this step's zero crossings, nothing undone
+        natural = crit.fraction(m, gates.kept_widths())  # this step's crossings, none undone
         reopened = limit_overshoot(gates, crit, m, c, optimizer)
         gates.update_masks()
         closed = enforce_ceiling(gates, crit, m, c)
-        kept = _kept(gates)
+        kept = gates.kept_widths()
         crit.relinearize(kept)
         expected = crit.fraction(m, gates.expected_channels().detach().cpu())
         lam = self.controller.update(step, expected, lr, _mean_slope(gates))
@@ -516,10 +520,6 @@ class Budget:
 
     def __str__(self) -> str:
         return str(self.schedule)
-
-
-def _kept(gates: GateSet) -> torch.Tensor:
-    return torch.tensor(gates.kept_channels(), dtype=torch.float64)
 
 
 @torch.no_grad()

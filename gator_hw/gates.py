@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from gator_hw.errors import GatorError
-from gator_hw.graph.cuts import removable_edges
+from gator_hw.graph.cuts import min_keep_counts
 from gator_hw.graph.hypergraph import HyperGraph
 from gator_hw.masking import scale_inputs
 
@@ -129,10 +129,9 @@ class GateSet(nn.Module):
         cls, graph: HyperGraph, init_prob: float = 0.995, *, round_to: int = 1
     ) -> GateSet:
         """Gates for every prunable edge of ``graph``; edges that cut the network keep one."""
-        removable = removable_edges(graph)
         return cls(
             [e.channels for e in graph.edges], init_prob, [e.name for e in graph.edges],
-            [0 if e.gid in removable else 1 for e in graph.edges], round_to=round_to,
+            min_keep_counts(graph), round_to=round_to,
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -221,6 +220,10 @@ class GateSet(nn.Module):
     def kept_channels(self) -> list[int]:
         """Channels each edge keeps with deterministic gates."""
         return [int(g.sum()) for g in self.deterministic()]
+
+    def kept_widths(self) -> torch.Tensor:
+        """:meth:`kept_channels` as a float64 width vector (what the cost functions take)."""
+        return torch.tensor(self.kept_channels(), dtype=torch.float64)
 
     def kept_indices(self) -> dict[int, list[int]]:
         """Edge -> indices of the channels kept with deterministic gates (a slimming plan)."""

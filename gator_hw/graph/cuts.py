@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph
 
-__all__ = ["constant_nodes", "disconnects", "readers_only_of", "removable_edges"]
+__all__ = [
+    "constant_nodes", "disconnects", "min_keep_counts", "readers_only_of", "removable_edges"
+]
 
 
 def readers_only_of(graph: HyperGraph) -> set[int]:
@@ -62,3 +64,9 @@ def removable_edges(graph: HyperGraph) -> set[int]:
     folds what that part added into a constant.
     """
     return {g for g in readers_only_of(graph) if not disconnects(graph, {g})}
+
+
+def min_keep_counts(graph: HyperGraph) -> list[int]:
+    """Channels each edge must keep: 0 for removable branches, 1 for cuts of the network."""
+    removable = removable_edges(graph)
+    return [0 if e.gid in removable else 1 for e in graph.edges]

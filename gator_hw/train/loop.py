@@ -35,7 +35,7 @@ from gator_hw.budget import Budget, BudgetSchedule, BudgetTarget, check_feasible
 from gator_hw.config import GatingConfig, read_config
 from gator_hw.errors import GatorError
 from gator_hw.gates import GateSet
-from gator_hw.graph.cuts import removable_edges
+from gator_hw.graph.cuts import min_keep_counts
 from gator_hw.loss import COST_SOURCES, CostCriterion, gate_param_groups, refresh_gate_groups
 from gator_hw.network import Network, load_network
 from gator_hw.train.checkpoint import (
@@ -54,7 +54,7 @@ from gator_hw.train.distributed import (
     reduce_sum,
     world_size,
 )
-from gator_hw.train.norms import recalibrated_norms
+from gator_hw.train.norms import recalibrate_norms, recalibrated_norms
 
 __all__ = [
     "SCHEDULES",
@@ -115,11 +115,6 @@ class TrainSettings:
                 raise GatorError(f"--{name.replace('_', '-')} must be >= 1")
         if self.lr <= 0:
             raise GatorError(f"--lr must be > 0, got {self.lr}")
-        if self.subdivision > self.batch_size:
-            raise GatorError(
-                f"--subdivision {self.subdivision} is larger than --batch-size "
-                f"{self.batch_size}; each micro-batch needs at least one image"
-            )
         if self.schedule not in SCHEDULES:
             raise GatorError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.save_interval < 0 or self.workers < 0:
@@ -285,9 +280,7 @@ def _prepare(s: TrainSettings) -> _Run:
         )
     criterion = CostCriterion(net.graph, config, cost_source=s.cost_source)
     if target is not None:
-        removable = removable_edges(net.graph)
-        check_feasible(target, criterion,
-                       [0 if e.gid in removable else 1 for e in net.graph.edges])
+        check_feasible(target, criterion, min_keep_counts(net.graph))
     if ckpt is not None:
         check_signature(ckpt.meta, net.graph, str(ckpt.path))
     return _Run(s, net, data, config, criterion, target, out, ckpt, d, device)
@@ -342,10 +335,8 @@ class _Trainer:
         self.lam = run.config.criteria_weight
         self.optimizer = self._optimizer()
         if self.budget is not None:
-            self.lam = self.budget.controller.update(
-                0, 1.0, learning_rate(self.s, 0, self.steps_per_epoch),
-                self.run.config.gate_init_prob * (1 - self.run.config.gate_init_prob),
-            )
+            self.lam = self.budget.start(self.gates,
+                                         learning_rate(self.s, 0, self.steps_per_epoch))
         self.amp = self.s.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.epoch, self.step = 0, 0
@@ -368,8 +359,7 @@ class _Trainer:
                       gamma=run.config.gradient_multiplier, momentum=s.momentum)
 
     def _weights(self) -> torch.Tensor:
-        kept = torch.tensor(self.gates.kept_channels(), dtype=torch.float64)
-        return self.criterion.edge_weights(kept)
+        return self.criterion.edge_weights(self.gates.kept_widths())
 
     def _optimizer(self) -> torch.optim.SGD:
         s = self.s
@@ -481,20 +471,18 @@ class _Trainer:
             self.gates.update_masks()
         else:
             lr = learning_rate(self.s, self.step, self.steps_per_epoch)
-            self.last_budget = self.budget.step(self.step, self.gates, lr=lr,
-                                                optimizer=self.optimizer)
-            self.lam = self.last_budget.lam
-        kept = torch.tensor(self.gates.kept_channels(), dtype=torch.float64)
+            self.lam = self.budget.step(self.step, self.gates, lr=lr,
+                                        optimizer=self.optimizer).lam
         refresh_gate_groups(
             self.optimizer.param_groups,
-            self.criterion.edge_weights(kept),
+            self._weights(),
             gamma=self.run.config.gradient_multiplier,
             weight_decay=self.s.weight_decay,
         )
         if self._should_freeze():
             self.gates.freeze()
-            with recalibrated_norms(self.model, self._calibration_batches(), restore=False):
-                pass  # fine-tuning starts from the kept network's own statistics
+            # fine-tuning starts from the kept network's own statistics
+            recalibrate_norms(self.model, self._calibration_batches())
             self.ddp = self._wrap()  # DDP must forget the logits, which no longer get grads
             self.log(f"epoch {self.epoch + 1} step {self.step}: gates frozen, fine-tuning weights")
 
@@ -543,8 +531,8 @@ class _Trainer:
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
         """The first training images, in file order (no RNG used), on every rank alike."""
-        loader = DataLoader(self.run.data.train, max(1, self.s.batch_size // self.run.dist.world),
-                            shuffle=False, num_workers=0)
+        loader = DataLoader(self.run.data.train, self.train_loader.batch_size, shuffle=False,
+                            num_workers=0)
         for i, (x, _) in enumerate(loader):
             if i >= CALIBRATION_BATCHES:
                 return

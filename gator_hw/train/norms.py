@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["recalibrated_norms"]
+__all__ = ["recalibrate_norms", "recalibrated_norms"]
 
 
 def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -61,3 +61,9 @@ def recalibrated_norms(
                 m.running_var.copy_(s[1])
                 m.num_batches_tracked.copy_(s[2])
         model.train(was)
+
+
+def recalibrate_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Keep the statistics :func:`recalibrated_norms` measures; return the batches used."""
+    with recalibrated_norms(model, batches, restore=False) as n:
+        return n
