@@ -87,6 +87,7 @@ def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dic
             MODEL, config=cfg, data="digits", out=folder, epochs=a.epochs, lr=a.lr,
             batch_size=64, target=target, weights=weights, input_size=SIZE, seed=a.seed,
             device="cpu", round_to=a.round_to, budget_at=a.budget_at,
+            importance_power=a.importance_power, calibrate=a.calibrate,
         )  # fmt: skip
         train(settings, log=lambda m: log(f"  {name} {m}"))
     doc = json.loads(plan.read_text())
@@ -102,6 +103,8 @@ def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dic
         "budget_epoch": next((int(r["epoch"]) for r in log_rows
                               if r["budget_met"] == "True"), None),
         "folder": str(folder),
+        "calibrations": doc.get("calibrations", []),
+        "trainer_measured": (doc.get("measured_latency") or {}).get("measured"),
     }
 
 
@@ -187,6 +190,9 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=0.2, help="gradient_multiplier")
     ap.add_argument("--budget-at", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--importance-power", type=float, default=1.0)
+    ap.add_argument("--calibrate", default="auto", choices=("auto", "on", "off"),
+                    help="latency runs: correct the ceiling by measuring the kept network")
     ap.add_argument("--repeats", type=int, default=3, help="bench runs per net")
     ap.add_argument("--rounds", type=int, default=5, help="rounds per bench run")
     ap.add_argument("--train-threads", type=int, default=2)
@@ -252,7 +258,12 @@ def main() -> None:
 
 
 def table_md(res: dict) -> str:
-    lines = [f"device: {res['device']}; unpruned val acc {100 * res['base_acc']:.2f} %", "",
+    lines = [f"device: {res['device']}; unpruned val acc {100 * res['base_acc']:.2f} %", ""]
+    for r in res["runs"]:
+        for c in r.get("calibrations", []):
+            lines.append(f"- {r['name']} step {c['step']}: measured {c['measured']:.3f}, "
+                         f"predicted {c['predicted']:.3f} -> ceiling x{c['scale']:.3f}")
+    lines += ["",
              "| budget | config | FLOPs | predicted latency | measured latency (range) | "
              "val acc | worst gate-epoch acc | budget met at epoch |",
              "|---|---|---|---|---|---|---|---|"]

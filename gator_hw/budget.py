@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,6 +51,7 @@ __all__ = [
     "check_feasible",
     "closing_block",
     "enforce_ceiling",
+    "give_back",
     "limit_overshoot",
 ]
 
@@ -115,6 +116,7 @@ class BudgetSchedule:
     start_step: int
     reach_step: int
     freeze_step: int
+    scale: float = 1.0  # correction of the predicted ceiling by a measurement (calibration)
 
     @classmethod
     def for_run(
@@ -147,11 +149,17 @@ class BudgetSchedule:
 
     def ceiling(self, step: int) -> float:
         """Largest cost fraction the kept network may have after ``step`` optimizer steps."""
-        return self.target.fraction ** self.progress(step)
+        return min(1.0, self.target.fraction ** self.progress(step) * self.scale)
+
+    @property
+    def bound(self) -> float:
+        """The predicted cost the budget holds the kept network to (target times scale)."""
+        return min(1.0, self.target.fraction * self.scale)
 
     def __str__(self) -> str:
+        scale = f" (predicted ceiling x{self.scale:.3f}, measured)" if self.scale != 1.0 else ""
         return (
-            f"{self.target}: ceiling falls from step {self.start_step}, met by step "
+            f"{self.target}{scale}: ceiling falls from step {self.start_step}, met by step "
             f"{self.reach_step}, gates freeze at step {self.freeze_step}"
         )
 
@@ -224,7 +232,8 @@ class _Units:
 
 
 def _units(
-    gates: GateSet, open_sets: list[torch.Tensor], costs: Mapping[int, tuple[int, float]]
+    gates: GateSet, open_sets: list[torch.Tensor], costs: Mapping[int, tuple[int, float]],
+    power: float = 1.0,
 ) -> _Units:
     """Every closable edge's open channels cut into closing units, least important per cost
     first.
@@ -237,7 +246,9 @@ def _units(
     included (layer-wise normalisation, as Molchanov et al. 2017 do for Taylor scores): raw
     gate gradients differ by orders of magnitude between layers and would decide the
     allocation alone; normalised, the cost model decides between edges, and an edge's last
-    channels, its most important, grow dearer as it shrinks.
+    channels, its most important, grow dearer as it shrinks. ``power`` raises the normalised
+    importances to it: 1 is HALP's order, 0 leaves the allocation between edges to the cost
+    alone (the logits still order the channels within an edge).
     """
     edges, sizes, starts, scores, ties, order = [], [], [], [], [], []
     for e, g in enumerate(open_sets):
@@ -247,6 +258,7 @@ def _units(
         imp = every[idx.cpu()]
         if float(every.mean()) > 0:  # layer-wise normalisation over the edge's channels
             imp = imp / every.mean()
+        imp = imp.clamp_min(0) ** power if power != 1.0 else imp
         srt = torch.argsort(theta, stable=True)
         srt = srt[torch.argsort(imp[srt], stable=True)]
         order.append(idx[srt])
@@ -300,7 +312,8 @@ _CHUNK = 512
 
 @torch.no_grad()
 def enforce_ceiling(
-    gates: GateSet, criterion: CostCriterion, metric: str, ceiling: float
+    gates: GateSet, criterion: CostCriterion, metric: str, ceiling: float,
+    power: float = 1.0,
 ) -> int:
     """Prune the open channels least important per unit of cost until the kept network costs
     <= ``ceiling``.
@@ -315,7 +328,7 @@ def enforce_ceiling(
     if criterion.fraction(metric, kept) <= ceiling:
         return 0
     block = closing_block(gates, criterion, metric)
-    units = _units(gates, det, _unit_costs(criterion, metric, kept, block))
+    units = _units(gates, det, _unit_costs(criterion, metric, kept, block), power)
     k, best = None, float("inf")
     for lo in range(1, len(units) + 1, _CHUNK):
         ks = list(range(lo, min(lo + _CHUNK, len(units) + 1)))
@@ -449,6 +462,67 @@ def limit_overshoot(
 
 
 # ---------------------------------------------------------------------- one budget
+@torch.no_grad()
+def give_back(
+    gates: GateSet,
+    criterion: CostCriterion,
+    metric: str,
+    ceiling: float,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """Re-open pruned channels, most important per unit of added cost first, while the kept
+    network stays <= ``ceiling`` (after a measurement raised it). Returns how many.
+
+    Channels come back in units of :func:`closing_block`, an edge's most important pruned
+    channels first (importance normalised by the edge's mean, as :func:`_units` does); a
+    re-opened channel gets logit ``REOPEN_LOGIT`` and its momentum is cleared.
+    """
+    kept = gates.kept_widths()
+    if criterion.fraction(metric, kept) > ceiling:
+        return 0
+    block = closing_block(gates, criterion, metric)
+    det = gates.deterministic()
+    pool: dict[int, torch.Tensor] = {}
+    value: dict[int, torch.Tensor] = {}
+    for e, g in enumerate(det):
+        idx = torch.nonzero(g == 0).flatten()
+        if not len(idx):
+            continue
+        every = gates.edge_importance(e).to(torch.float64).cpu()
+        imp = every[idx.cpu()] / (float(every.mean()) if float(every.mean()) > 0 else 1.0)
+        srt = torch.argsort(imp, descending=True, stable=True)
+        pool[e], value[e] = idx[srt], imp[srt]
+    opened = 0
+    while pool:
+        cands = [(e, min(block, len(idx))) for e, idx in pool.items()]
+        probes = torch.stack([kept + torch.nn.functional.one_hot(
+            torch.tensor(e), len(kept)).to(kept) * n for e, n in cands])
+        base = criterion.fraction(metric, kept)
+        fr = criterion.fraction_batch(metric, probes).tolist()
+        best, pick = -1.0, None
+        for (e, n), f in zip(cands, fr, strict=True):
+            if f > ceiling + 1e-12:
+                continue
+            score = float(value[e][:n].sum()) / max(f - base, 1e-12)
+            if score > best:
+                best, pick = score, (e, n)
+        if pick is None:
+            break
+        e, n = pick
+        chans = pool[e][:n]
+        gates.mask(e)[chans] = True
+        gates.logits[e][chans] = REOPEN_LOGIT
+        buf = optimizer.state.get(gates.logits[e], {}).get("momentum_buffer") if optimizer else None
+        if buf is not None:
+            buf[chans] = 0.0
+        kept[e] += n
+        opened += n
+        pool[e], value[e] = pool[e][n:], value[e][n:]
+        if not len(pool[e]):
+            del pool[e], value[e]
+    return opened
+
+
 @dataclass
 class BudgetStep:
     """What the budget did after one optimizer step."""
@@ -473,8 +547,10 @@ class Budget:
         theta0: float,
         gamma: float,
         momentum: float,
+        importance_power: float = 1.0,
     ) -> None:
         self.schedule, self.criterion = schedule, criterion
+        self.importance_power = importance_power
         self.target = schedule.target
         self.controller = BudgetController(schedule, theta0, gamma, momentum)
         self.closed = self.reopened = 0
@@ -503,7 +579,7 @@ class Budget:
         natural = crit.fraction(m, gates.kept_widths())  # this step's crossings, none undone
         reopened = limit_overshoot(gates, crit, m, c, optimizer)
         gates.update_masks()
-        closed = enforce_ceiling(gates, crit, m, c)
+        closed = enforce_ceiling(gates, crit, m, c, self.importance_power)
         kept = gates.kept_widths()
         crit.relinearize(kept)
         expected = crit.fraction(m, gates.expected_channels().detach().cpu())
@@ -511,12 +587,28 @@ class Budget:
         self.closed, self.reopened = self.closed + closed, self.reopened + reopened
         return BudgetStep(c, natural, crit.fraction(m, kept), expected, closed, reopened, lam)
 
+    def rescale(
+        self, scale: float, gates: GateSet, optimizer: torch.optim.Optimizer | None = None
+    ) -> int:
+        """Hold the kept network to ``target * scale`` of predicted cost from now on (a
+        measurement showed the cost model off by ``1 / scale``); a raised ceiling re-opens
+        pruned channels up to it (:func:`give_back`), a lowered one prunes at the next
+        :meth:`step`. Returns the channels re-opened."""
+        self.schedule = replace(self.schedule, scale=float(scale))
+        self.controller.schedule = self.schedule
+        opened = give_back(gates, self.criterion, self.metric, self.schedule.bound, optimizer)
+        self.reopened += opened
+        return opened
+
     def state_dict(self) -> dict[str, float | int]:
-        return {**self.controller.state_dict(), "closed": self.closed, "reopened": self.reopened}
+        return {**self.controller.state_dict(), "closed": self.closed, "reopened": self.reopened,
+                "scale": self.schedule.scale}
 
     def load_state_dict(self, state: Mapping[str, float | int]) -> None:
         self.controller.load_state_dict(state)
         self.closed, self.reopened = int(state["closed"]), int(state["reopened"])
+        self.schedule = replace(self.schedule, scale=float(state.get("scale", 1.0)))
+        self.controller.schedule = self.schedule
 
     def __str__(self) -> str:
         return str(self.schedule)

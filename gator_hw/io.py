@@ -104,6 +104,15 @@ def load_plan(directory: str | Path) -> dict:
         raise GatorError(f"{path} is not a gator-hw converted-model plan (format {FORMAT!r})")
     if doc.get("format_version", 0) > FORMAT_VERSION:
         raise GatorError(f"{path} was written by a newer gator-hw; upgrade gator-hw to load it")
+    missing = [k for k in ("model", "input_size", "num_classes", "edges") if k not in doc]
+    edges = doc.get("edges")
+    if not missing and (not isinstance(edges, list) or not all(
+            isinstance(e, dict) and {"index", "name", "channels", "kept"} <= set(e)
+            for e in edges)):
+        missing = ["edges[].index/name/channels/kept"]
+    if missing:
+        raise GatorError(f"{path} lacks {', '.join(missing)} (edited or truncated); re-run "
+                         "gator-hw convert")
     return doc
 
 

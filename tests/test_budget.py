@@ -202,3 +202,21 @@ def test_enforce_ceiling_prunes_least_important_per_cost_and_lands_on_the_ceilin
         enforce_ceiling(gates, crit, "flops", ceiling)
         f = crit.fraction("flops", torch.tensor(gates.kept_channels(), dtype=torch.float64))
         assert ceiling - 2 * float(per_channel.max()) <= f <= ceiling
+
+
+def test_importance_power_zero_leaves_the_allocation_to_the_cost() -> None:
+    g = cached_network("resnet20").graph
+    crit = CostCriterion(g, GatingConfig())
+    torch.manual_seed(0)
+    imp = torch.rand(sum(e.channels for e in g.edges)) ** 4  # very uneven importances
+
+    def pruned(importance: torch.Tensor, power: float) -> list[list[bool]]:
+        gates = GateSet.from_graph(g, 0.9)
+        with torch.no_grad():
+            gates.importance.copy_(importance)
+        enforce_ceiling(gates, crit, "flops", 0.6, power)
+        return [gates.mask(e).tolist() for e in range(len(gates))]
+
+    flat = pruned(torch.ones_like(imp), 1.0)
+    assert pruned(imp, 0.0) == flat  # the importances no longer matter
+    assert pruned(imp, 1.0) != flat and pruned(imp, 0.5) != pruned(imp, 1.0)

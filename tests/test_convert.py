@@ -167,3 +167,27 @@ def test_load_errors(tmp_path: Path) -> None:
     (d / PLAN_FILE).write_text("{")
     with pytest.raises(GatorError, match="not valid JSON"):
         load(d)
+    good = json.loads(json.dumps(doc))
+    for drop in ("model", "edges"):
+        (d / PLAN_FILE).write_text(json.dumps({k: v for k, v in good.items() if k != drop}))
+        with pytest.raises(GatorError, match=f"lacks {drop}"):
+            load(d)
+    del good["edges"][3]["kept"]
+    (d / PLAN_FILE).write_text(json.dumps(good))
+    with pytest.raises(GatorError, match="lacks edges"):
+        load(d)
+
+
+def test_convert_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path) -> None:
+    from gator_hw.gated import convert_checkpoint
+
+    table = tmp_path / "t.csv"
+    table.write_text("edge,width\n0,1\n")
+    with pytest.raises(GatorError) as exc:
+        convert_checkpoint(table)
+    assert "is not a checkpoint" in str(exc.value) and "\n" not in str(exc.value)
+    blob = tmp_path / "last.json"
+    blob.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(GatorError) as exc:
+        convert_checkpoint(tmp_path)
+    assert "cannot read checkpoint" in str(exc.value) and "\n" not in str(exc.value)

@@ -17,6 +17,7 @@ from gator_hw.costmodel.make import make_config
 from gator_hw.costmodel.model import fit_cost_model
 from gator_hw.errors import GatorError
 from gator_hw.loss import CostCriterion
+from gator_hw.network import load_network
 from tests.conftest import cached_network, one_line_error
 from tests.synthetic import write_synthetic_table
 
@@ -154,3 +155,17 @@ def test_embedded_cost_model_checks_itself(table, graph, tmp_path) -> None:
     with pytest.raises(GatorError) as exc:
         GatingConfig(cost_model=[1, 2])
     one_line_error(exc, "cost_model")
+
+
+def test_a_config_from_a_table_without_num_classes_prunes_a_net_with_other_classes(
+        table, tmp_path) -> None:
+    """The table's net had its builder's 1000 classes (not recorded); the pruned net has 10:
+    the embedded model refits on the profiled net and predicts the same for both."""
+    cfg = read_config(write_config(make_config([table], method="nnls", input_size=32).config,
+                                   tmp_path / "cfg.json"))
+    assert cfg.cost_model.get("num_classes") in (None, 1000)
+    ten = CostCriterion(load_network("resnet18", input_size=32, num_classes=10).graph, cfg)
+    own = CostCriterion(cached_network("resnet18", 32).graph, cfg)
+    w = torch.tensor(_random_widths(own.graph, 4, seed=2), dtype=torch.float64)
+    np.testing.assert_allclose(ten.fraction_batch("latency", w).numpy(),
+                               own.fraction_batch("latency", w).numpy(), rtol=1e-9)

@@ -127,6 +127,19 @@ def test_registering_a_rule_twice_fails() -> None:
         channel_rule(nn.Conv2d)(lambda b, call: None)
 
 
+@pytest.mark.parametrize("key", ["relu", "method:", "method:not a name", 3, None])
+def test_a_rule_key_that_can_never_match_is_rejected(key) -> None:
+    from gator_hw.errors import GatorError
+
+    with pytest.raises(GatorError) as exc:
+        channel_rule(key)
+    assert "\n" not in str(exc.value) and "channel_rule key" in str(exc.value)
+    if key == "relu":
+        assert "'method:relu'" in str(exc.value)  # names the fix
+    with pytest.raises(GatorError, match="at least one key"):
+        channel_rule()
+
+
 def test_untraceable_model_gives_one_line() -> None:
     class Dyn(nn.Module):
         def __init__(self) -> None:

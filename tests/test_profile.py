@@ -208,7 +208,15 @@ def test_devices_and_slugs(monkeypatch):
     with pytest.raises(GatorError, match="needs a CUDA GPU"):
         resolve_device("cuda:0")
     spec = TimingSpec(model="m", batch=1, input_size=8)
-    assert device_slug(spec) == "cpu" and set(device_info(spec)) >= DEVICE_KEYS
+    assert device_slug(spec).startswith("cpu") and set(device_info(spec)) >= DEVICE_KEYS
+    for name, slug in [
+        ("AMD EPYC", "cpu-amd-epyc"),
+        ("Intel(R) Xeon(R) Processor", "cpu-intel-xeon"),
+        ("Intel(R) Core(TM) i7-12700K CPU @ 3.60GHz", "cpu-intel-core-i7"),
+        ("AMD EPYC 7B13 64-Core Processor", "cpu-amd-epyc-7b13"),
+        ("", "cpu"),
+    ]:
+        assert device_slug(TimingSpec(model="m", batch=1, input_size=8, device_name=name)) == slug
     for name, slug in [
         ("NVIDIA H100 80GB HBM3", "h100"),
         ("NVIDIA A100-SXM4-80GB", "a100"),
@@ -465,11 +473,13 @@ def test_resume_file_mismatch_and_corruption(tiny, tmp_path):
 
 def test_request_validation_and_default_out(tiny):
     req = _request(tiny, channels_last=True, dtype="bfloat16")
-    assert default_out(req.spec) == Path("profiles/cpu/tiny_factory_16px_b2_bfloat16_cl.csv")
+    here = Path("profiles") / device_slug(req.spec)  # this CPU's own folder
+    assert here.name.startswith("cpu")
+    assert default_out(req.spec) == here / "tiny_factory_16px_b2_bfloat16_cl.csv"
     spec = make_spec("resnet50", device="cpu", batch=32, input_size=224)
-    assert default_out(spec) == Path("profiles/cpu/resnet50_b32_float32.csv")
+    assert default_out(spec) == here / "resnet50_b32_float32.csv"
     spec = make_spec("resnet18", device="cpu", batch=8, input_size=64)  # not its own size
-    assert default_out(spec) == Path("profiles/cpu/resnet18_64px_b8_float32.csv")
+    assert default_out(spec) == here / "resnet18_64px_b8_float32.csv"
     assert "random nets" in str(req)
     for kw, match in [
         (dict(batch=0), "batch"),

@@ -106,6 +106,20 @@ def test_imagefolder_loads(tmp_path):
             Image.new("RGB", (20, 20), (10, 200, 30)).save(tmp_path / split / cls / "0.png")
     d = load_data(f"imagefolder:{tmp_path}", 16)
     assert d.num_classes == 2 and d.val[0][0].shape == (3, 16, 16)
+    # an image file that is not an image: one line at load time, naming the file
+    (tmp_path / "train" / "a" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(GatorError) as exc:
+        load_data(f"imagefolder:{tmp_path}", 16)
+    assert "0.png" in str(exc.value) and "unreadable image" in str(exc.value)
+    assert "\n" not in str(exc.value)
+    # a CIFAR-10 folder whose batch files are not pickles
+    c = tmp_path / "cifar" / "cifar-10-batches-py"
+    c.mkdir(parents=True)
+    for f in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+              "test_batch", "batches.meta"):
+        (c / f).write_bytes(b"garbage")
+    with pytest.raises(GatorError, match="no readable CIFAR-10"):
+        load_data(f"cifar10:{tmp_path / 'cifar'}", 32)
 
 
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):

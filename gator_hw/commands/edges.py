@@ -72,59 +72,61 @@ def edges_report(net: Network, table: Path | None = None) -> dict:
     }
 
 
+def models_cmd() -> None:
+    """List the model names gator-hw can build (or pass path/to/file.py:factory)."""
+    for name in available_models():
+        console.print(name)
+
+
+def edges_cmd(
+    model: ModelName,
+    input_size: InputSize = None,
+    num_classes: NumClasses = 1000,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False,
+                     help="A profile table of this model: adds measured latency savings."),
+    ] = None,
+) -> None:
+    """Discover MODEL's hyperedges and print them with their cost shares."""
+    net = load_network(model, input_size=input_size, num_classes=num_classes)
+    report = edges_report(net, profile)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(
+        title=f"{net} ({report['flops'] / 1e9:.3f} GFLOPs, "
+        f"{report['params'] / 1e6:.2f} M params)"
+    )
+    cols = [("#", "right"), ("edge", "left"), ("ch", "right"), ("FLOPs %", "right")]
+    if profile is not None:
+        cols.append(("lat. saved % @half", "right"))
+    cols += [("sites", "right"), ("prunable", "left")]
+    for col, just in cols:
+        table.add_column(col, justify=just)
+    for row in report["edges"]:
+        share = f"{100 * row['flops_share']:.2f}" if row["flops_share"] is not None else "-"
+        lat = row["latency_saving_pct"]
+        cells = [
+            "-" if row["index"] is None else str(row["index"]),
+            row["name"] + (f" (g={row['groups']})" if row["groups"] > 1 else ""),
+            str(row["channels"]),
+            share,
+        ]
+        if profile is not None:
+            cells.append("-" if lat is None else f"{lat:.2f}")
+        cells += [
+            str(len(row["members"])),
+            "yes" if row["prunable"] else "no: " + "; ".join(row["why_not"])[:80],
+        ]
+        table.add_row(*cells)
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``models`` and ``edges`` commands to ``app``."""
-
-    @app.command("models")
-    def models_cmd() -> None:
-        """List the model names gator-hw can build (or pass path/to/file.py:factory)."""
-        for name in available_models():
-            console.print(name)
-
-    @app.command("edges")
-    def edges_cmd(
-        model: ModelName,
-        input_size: InputSize = None,
-        num_classes: NumClasses = 1000,
-        as_json: Annotated[
-            bool, typer.Option("--json", help="Print JSON instead of a table.")
-        ] = False,
-        profile: Annotated[
-            Path | None,
-            typer.Option(exists=True, dir_okay=False,
-                         help="A profile table of this model: adds measured latency savings."),
-        ] = None,
-    ) -> None:
-        """Discover MODEL's hyperedges and print them with their cost shares."""
-        net = load_network(model, input_size=input_size, num_classes=num_classes)
-        report = edges_report(net, profile)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2))
-            return
-        table = Table(
-            title=f"{net} ({report['flops'] / 1e9:.3f} GFLOPs, "
-            f"{report['params'] / 1e6:.2f} M params)"
-        )
-        cols = [("#", "right"), ("edge", "left"), ("ch", "right"), ("FLOPs %", "right")]
-        if profile is not None:
-            cols.append(("lat. saved % @half", "right"))
-        cols += [("sites", "right"), ("prunable", "left")]
-        for col, just in cols:
-            table.add_column(col, justify=just)
-        for row in report["edges"]:
-            share = f"{100 * row['flops_share']:.2f}" if row["flops_share"] is not None else "-"
-            lat = row["latency_saving_pct"]
-            cells = [
-                "-" if row["index"] is None else str(row["index"]),
-                row["name"] + (f" (g={row['groups']})" if row["groups"] > 1 else ""),
-                str(row["channels"]),
-                share,
-            ]
-            if profile is not None:
-                cells.append("-" if lat is None else f"{lat:.2f}")
-            cells += [
-                str(len(row["members"])),
-                "yes" if row["prunable"] else "no: " + "; ".join(row["why_not"])[:80],
-            ]
-            table.add_row(*cells)
-        console.print(table)
+    app.command("models")(models_cmd)
+    app.command("edges")(edges_cmd)

@@ -66,119 +66,120 @@ def print_summary(result: ProfileResult, top: int = 10) -> None:
     console.print(table)
 
 
+def profile_cmd(
+    model: ModelName,
+    device: Annotated[
+        str, typer.Option("--device", help="Where to time: cpu, cuda or cuda:N.")
+    ],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Samples per timed forward (>= 1).")
+    ],
+    input_size: InputSize = None,
+    dtype: Annotated[
+        DType, typer.Option("--dtype", help="Weight and input dtype.")
+    ] = DType.float32,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last", help="Time in NHWC (channels-last) layout.")
+    ] = False,
+    widths: Annotated[
+        str,
+        typer.Option(
+            "--widths",
+            help="Comma-separated width fractions in (0, 1] at which each edge is probed "
+            "alone, e.g. 0.25,0.5,0.75.",
+        ),
+    ] = "0.5",
+    round_to: Annotated[
+        int | None,
+        typer.Option("--round-to", help="Round probe channel counts to this multiple."),
+    ] = None,
+    random_nets: Annotated[
+        int,
+        typer.Option(
+            "--random-nets",
+            help="Also time N seeded random nets (keep ratio 0.25-1 per edge; half rounded "
+            "to multiples of 8) for validating cost models.",
+        ),
+    ] = 0,
+    random_min_keep: Annotated[
+        float | None,
+        typer.Option(
+            "--random-min-keep",
+            help="Lowest per-edge keep ratio of the random nets (default 0.25); lower it "
+            "(e.g. 0.05) so the cost model sees the deeply pruned nets small budgets give.",
+        ),
+    ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds", help="Rounds; each times the baseline, then all variants interleaved."
+        ),
+    ] = 3,
+    eager: Annotated[
+        bool,
+        typer.Option(
+            "--eager", help="On CUDA, time plain eager calls instead of CUDA-graph replays."
+        ),
+    ] = False,
+    interleave: Annotated[
+        bool | None,
+        typer.Option(
+            "--interleave/--no-interleave",
+            help="On CPU, pair every variant's timed blocks with blocks of the full net "
+            "(ABBA) so a machine changing speed cancels out (default: on for CPU; "
+            "doubles the time).",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="CPU threads while timing (default: torch's)."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the random nets and the round order.")
+    ] = 0,
+    num_classes: NumClasses = 1000,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Tidy CSV path (default profiles/<device>/<model>_b<B>_<dtype>[_cl].csv); "
+            "the GATOR CSV, .json sidecar and .cells.json resume file go beside it.",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Time MODEL with each prunable edge narrowed (and random nets) on a device.
+
+    Writes a tidy latency table, the GATOR-compatible CSV and a JSON sidecar. An
+    interrupted run resumes when re-run with the same arguments.
+    """
+    request = ProfileRequest.create(
+        model,
+        device=device,
+        batch=batch_size,
+        input_size=input_size,
+        dtype=dtype.value,
+        channels_last=channels_last,
+        widths=widths,
+        round_to=round_to,
+        random_nets=random_nets,
+        rounds=rounds,
+        eager=eager,
+        interleave=interleave,
+        threads=threads,
+        seed=seed,
+        num_classes=num_classes,
+        random_min_keep=random_min_keep,
+    )
+    result = run(
+        request,
+        out,
+        progress=not quiet,
+        log=lambda msg: err_console.print(msg, highlight=False, soft_wrap=True),
+    )
+    print_summary(result)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``profile`` command to ``app``."""
-
-    @app.command("profile")
-    def profile_cmd(
-        model: ModelName,
-        device: Annotated[
-            str, typer.Option("--device", help="Where to time: cpu, cuda or cuda:N.")
-        ],
-        batch_size: Annotated[
-            int, typer.Option("--batch-size", help="Samples per timed forward (>= 1).")
-        ],
-        input_size: InputSize = None,
-        dtype: Annotated[
-            DType, typer.Option("--dtype", help="Weight and input dtype.")
-        ] = DType.float32,
-        channels_last: Annotated[
-            bool, typer.Option("--channels-last", help="Time in NHWC (channels-last) layout.")
-        ] = False,
-        widths: Annotated[
-            str,
-            typer.Option(
-                "--widths",
-                help="Comma-separated width fractions in (0, 1] at which each edge is probed "
-                "alone, e.g. 0.25,0.5,0.75.",
-            ),
-        ] = "0.5",
-        round_to: Annotated[
-            int | None,
-            typer.Option("--round-to", help="Round probe channel counts to this multiple."),
-        ] = None,
-        random_nets: Annotated[
-            int,
-            typer.Option(
-                "--random-nets",
-                help="Also time N seeded random nets (keep ratio 0.25-1 per edge; half rounded "
-                "to multiples of 8) for validating cost models.",
-            ),
-        ] = 0,
-        random_min_keep: Annotated[
-            float | None,
-            typer.Option(
-                "--random-min-keep",
-                help="Lowest per-edge keep ratio of the random nets (default 0.25); lower it "
-                "(e.g. 0.05) so the cost model sees the deeply pruned nets small budgets give.",
-            ),
-        ] = None,
-        rounds: Annotated[
-            int,
-            typer.Option(
-                "--rounds", help="Rounds; each times the baseline, then all variants interleaved."
-            ),
-        ] = 3,
-        eager: Annotated[
-            bool,
-            typer.Option(
-                "--eager", help="On CUDA, time plain eager calls instead of CUDA-graph replays."
-            ),
-        ] = False,
-        interleave: Annotated[
-            bool | None,
-            typer.Option(
-                "--interleave/--no-interleave",
-                help="On CPU, pair every variant's timed blocks with blocks of the full net "
-                "(ABBA) so a machine changing speed cancels out (default: on for CPU; "
-                "doubles the time).",
-            ),
-        ] = None,
-        threads: Annotated[
-            int | None,
-            typer.Option("--threads", help="CPU threads while timing (default: torch's)."),
-        ] = None,
-        seed: Annotated[
-            int, typer.Option("--seed", help="Seed of the random nets and the round order.")
-        ] = 0,
-        num_classes: NumClasses = 1000,
-        out: Annotated[
-            Path | None,
-            typer.Option(
-                "--out",
-                help="Tidy CSV path (default profiles/<device>/<model>_b<B>_<dtype>[_cl].csv); "
-                "the GATOR CSV, .json sidecar and .cells.json resume file go beside it.",
-            ),
-        ] = None,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-    ) -> None:
-        """Time MODEL with each prunable edge narrowed (and random nets) on a device.
-
-        Writes a tidy latency table, the GATOR-compatible CSV and a JSON sidecar. An
-        interrupted run resumes when re-run with the same arguments.
-        """
-        request = ProfileRequest.create(
-            model,
-            device=device,
-            batch=batch_size,
-            input_size=input_size,
-            dtype=dtype.value,
-            channels_last=channels_last,
-            widths=widths,
-            round_to=round_to,
-            random_nets=random_nets,
-            rounds=rounds,
-            eager=eager,
-            interleave=interleave,
-            threads=threads,
-            seed=seed,
-            num_classes=num_classes,
-            random_min_keep=random_min_keep,
-        )
-        result = run(
-            request,
-            out,
-            progress=not quiet,
-            log=lambda msg: err_console.print(msg, highlight=False, soft_wrap=True),
-        )
-        print_summary(result)
+    app.command("profile")(profile_cmd)

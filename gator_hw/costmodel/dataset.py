@@ -22,7 +22,8 @@ from gator_hw.graph.hypergraph import HyperGraph
 __all__ = ["Samples", "file_sha256", "load_samples"]
 
 _CONTEXT_KEYS = (
-    "model", "batch", "dtype", "channels_last", "device_name", "input_size", "num_classes"
+    "model", "batch", "dtype", "channels_last", "device_name", "input_size", "num_classes",
+    "threads", "regime",
 )
 
 

@@ -155,10 +155,13 @@ def _profiled_graph(doc: dict, graph: HyperGraph | None) -> HyperGraph:
             f"{graph.model_name} at {graph.input_shape[-1]} px; use a config made for this "
             "network and --input-size"
         )
-    classes = doc.get("num_classes")
-    if graph is not None and (classes is None or _classes(graph) == classes):
+    classes = doc.get("num_classes")  # absent: the table's net had its builder's default
+    if graph is not None and classes is not None and _classes(graph) == classes:
         return graph
-    own = load_network(doc["model"], input_size=size, num_classes=int(classes or 1000)).graph
+    kw = {"num_classes": int(classes)} if classes is not None else {}
+    own = load_network(doc["model"], input_size=size, **kw).graph
+    if graph is not None and _classes(graph) == _classes(own):
+        return graph
     if graph is not None and [e.channels for e in own.edges] != [e.channels
                                                                  for e in graph.edges]:
         raise GatorError(

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gator_hw.errors import GatorError
+
 __all__ = ["Builder", "Call", "Layout", "Run", "Space", "channel_rule", "rule_for"]
 
 
@@ -77,8 +79,33 @@ RuleFn = Callable[["Builder", Call], "Layout | None"]
 _RULES: dict[Any, RuleFn] = {}
 
 
+def _check_key(key: Any) -> None:
+    """GatorError for a key no traced call can ever have."""
+    if isinstance(key, str):
+        name = key.removeprefix("method:")
+        if key.startswith("method:") and name.isidentifier():
+            return
+        fix = f"'method:{name}' for the Tensor method" if name.isidentifier() else "a name"
+        raise GatorError(
+            f"channel_rule key {key!r} can never match a traced call: give a module class "
+            f"(nn.ReLU), a function (torch.relu, F.relu) or {fix}"
+        )
+    if not callable(key):
+        raise GatorError(
+            f"channel_rule key {key!r} is not a module class, a function or 'method:NAME'"
+        )
+
+
 def channel_rule(*keys: Any) -> Callable[[RuleFn], RuleFn]:
-    """Register a rule for module types, functions or method names (``"method:relu"``)."""
+    """Register a rule for module types, functions or method names (``"method:relu"``).
+
+    A key that no traced call can have (a bare ``"relu"``, a number) is a GatorError.
+    """
+    if not keys:
+        raise GatorError("channel_rule needs at least one key (a module class, a function or "
+                         "'method:NAME')")
+    for key in keys:
+        _check_key(key)
 
     def deco(fn: RuleFn) -> RuleFn:
         for key in keys:

@@ -358,18 +358,27 @@ def _device_name(device: torch.device) -> str:
     return cpu_name()
 
 
+#: Words a device name carries that do not tell two devices apart.
+_NOISE_WORDS = ("nvidia", "geforce", "tesla", "quadro", "(r)", "(tm)", "cpu", "processor")
+
+
 def device_slug(spec: TimingSpec) -> str:
-    """Short folder name for a device: ``cpu``, ``h100``, ``a100``, ``rtx-4090``."""
-    if not spec.device.startswith("cuda"):
-        return "cpu"
-    words = spec.device_name.lower().replace("-", " ").split()
-    words = [w for w in words if w not in ("nvidia", "geforce", "tesla", "quadro")]
+    """Short folder name for a device: ``h100``, ``a100``, ``rtx-4090``, and for CPUs ``cpu-``
+    and their family (``cpu-amd-epyc``, ``cpu-intel-xeon``): tables of two CPUs never share
+    a folder."""
+    name = spec.device_name.lower().replace("(r)", " ").replace("(tm)", " ")
+    words = [w for w in name.replace("-", " ").split() if w not in _NOISE_WORDS]
     picked: list[str] = []
     for w in words:
+        if "@" in w or w.endswith("ghz"):
+            break
         picked.append("".join(c for c in w if c.isalnum()))
         if any(c.isdigit() for c in w):
             break
-    return "-".join(p for p in picked if p) or "cuda"
+    slug = "-".join(p for p in picked if p)
+    if not spec.device.startswith("cuda"):
+        return f"cpu-{slug}" if slug else "cpu"
+    return slug or "cuda"
 
 
 def _nvidia_driver() -> str | None:

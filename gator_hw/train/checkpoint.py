@@ -95,6 +95,11 @@ def _resolve(path: Path) -> Path:
         path = path / "last.json"
     if path.suffix == ".safetensors":
         path = path.with_suffix(".json")
+    if path.suffix != ".json" and path.exists():
+        raise GatorError(
+            f"{path} is not a checkpoint; pass a run folder (from gator-hw prune) or its "
+            "NAME.json checkpoint"
+        )
     if not path.is_file():
         raise GatorError(
             f"checkpoint {path} not found; pass a run folder or its NAME.json checkpoint"
@@ -115,8 +120,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     json_path = _resolve(Path(path))
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise GatorError(f"cannot read checkpoint {json_path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise GatorError(
+            f"cannot read checkpoint {json_path} ({type(exc).__name__}: {str(exc)[:80]}); "
+            "resume from another checkpoint (epoch_NNN.json) or run again"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GatorError(f"{json_path} is not a gator-hw checkpoint (no format {FORMAT!r})")
     tensor_path = json_path.with_name(str(meta.get("tensors", "")))

@@ -6,6 +6,7 @@ Nothing is ever downloaded. ``digits`` is scikit-learn's bundled handwritten dig
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,14 @@ def _imagefolder(root: Path, size: int) -> Datasets:
         val = datasets.ImageFolder(str(root / "val"), val_tf)
     except (FileNotFoundError, OSError) as exc:
         raise GatorError(f"--data imagefolder:{root}: {str(exc).splitlines()[0]}") from None
+    for name, ds in (("train", train), ("val", val)):
+        try:
+            ds[0]  # one image now, not a traceback an epoch into training
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise GatorError(
+                f"--data imagefolder:{root}: cannot read {ds.samples[0][0]} in {name}/ "
+                f"({type(exc).__name__}); remove or replace unreadable image files"
+            ) from None
     if train.classes != val.classes:
         raise GatorError(
             f"--data imagefolder:{root}: train/ has {len(train.classes)} classes and val/ has "
@@ -178,7 +187,7 @@ def _cifar10(root: Path, size: int) -> Datasets:
     try:
         train = datasets.CIFAR10(str(root), train=True, transform=train_tf, download=False)
         val = datasets.CIFAR10(str(root), train=False, transform=val_tf, download=False)
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
         raise GatorError(
             f"--data cifar10:{root}: no readable CIFAR-10 there ({str(exc).splitlines()[0]}); "
             "point it at the folder holding cifar-10-batches-py/"

@@ -38,6 +38,13 @@ from gator_hw.gates import GateSet
 from gator_hw.graph.cuts import min_keep_counts
 from gator_hw.loss import COST_SOURCES, CostCriterion, gate_param_groups, refresh_gate_groups
 from gator_hw.network import Network, load_network
+from gator_hw.train.calibration import (
+    CALIBRATE_MODES,
+    CalibrationPoint,
+    calibration_spec,
+    correction,
+    measure_kept,
+)
 from gator_hw.train.checkpoint import (
     Checkpoint,
     check_signature,
@@ -70,7 +77,7 @@ __all__ = [
 SCHEDULES: tuple[str, ...] = ("cosine", "step")
 
 #: Training batches that re-estimate batch-norm statistics for the deterministic gates.
-CALIBRATION_BATCHES = 16
+NORM_BATCHES = 16
 
 #: Files whose presence marks a folder as holding a run (never overwritten without --resume).
 _RUN_FILES = ("log.csv", "last.json")
@@ -100,6 +107,8 @@ class TrainSettings:
     hold_epochs: float = 1.0
     round_to: int = 1
     cost_source: str = "auto"
+    importance_power: float = 1.0
+    calibrate: str = "auto"
     gate_epochs: int | None = None
     weights: Path | None = None
     input_size: int | None = None
@@ -125,6 +134,12 @@ class TrainSettings:
             )
         if self.round_to < 1:
             raise GatorError(f"--round-to must be >= 1, got {self.round_to}; use e.g. 8")
+        if not 0.0 <= self.importance_power <= 4.0:
+            raise GatorError(
+                f"--importance-power must be in [0, 4], got {self.importance_power}; 1 is HALP's"
+            )
+        if self.calibrate not in CALIBRATE_MODES:
+            raise GatorError(f"--calibrate must be one of {', '.join(CALIBRATE_MODES)}")
         if self.cost_source not in COST_SOURCES:
             raise GatorError(f"--cost must be one of {', '.join(COST_SOURCES)}")
 
@@ -149,6 +164,7 @@ class EpochRow:
     ceiling: float | None = None
     closed: int = 0
     reopened: int = 0
+    measured: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def csv_row(self) -> dict[str, Any]:
@@ -162,6 +178,8 @@ class EpochRow:
         ceiling = "" if self.ceiling is None else f", ceiling {100 * self.ceiling:.1f}%"
         moves = f"; pruned by ceiling {self.closed}, re-opened {self.reopened}" if (
             self.closed or self.reopened) else ""
+        if self.measured is not None:
+            moves += f"; measured latency {100 * self.measured:.1f}%"
         return (
             f"epoch {self.epoch}: val acc {100 * self.val_acc:.2f}% "
             f"(train {100 * self.train_acc:.2f}%), "
@@ -332,6 +350,8 @@ class _Trainer:
         self.train_loader, self.val_loader, self.sampler = _loaders(run)
         self.steps_per_epoch = len(self.train_loader)
         self.budget = self._budget()
+        self.timing, self.timing_note = self._timing_spec()
+        self.calibrations: list[CalibrationPoint] = []
         self.lam = run.config.criteria_weight
         self.optimizer = self._optimizer()
         if self.budget is not None:
@@ -356,7 +376,57 @@ class _Trainer:
         )
         p = run.config.gate_init_prob
         return Budget(sched, self.criterion, theta0=math.log(p / (1 - p)),
-                      gamma=run.config.gradient_multiplier, momentum=s.momentum)
+                      gamma=run.config.gradient_multiplier, momentum=s.momentum,
+                      importance_power=s.importance_power)
+
+    def _timing_spec(self):
+        """Timing protocol for measuring the kept network (:mod:`.calibration`), and why not."""
+        mode, b = self.s.calibrate, self.budget
+        if b is None or b.metric != "latency" or self.criterion.latency is None:
+            if mode == "on":
+                raise GatorError("--calibrate on needs --target latency=F and a config with a "
+                                 "cost model (make-config from a latency table)")
+            return None, "off (no latency budget from a cost model)"
+        return calibration_spec(self.run.config.cost_model, self.device, mode)
+
+    def _calibration_steps(self) -> set[int]:
+        """When the schedule reaches the budget, and half-way through the hold."""
+        if self.timing is None or self.budget is None:
+            return set()
+        sc = self.budget.schedule
+        if sc.freeze_step <= sc.reach_step:
+            return set()
+        return {sc.reach_step, sc.reach_step + (sc.freeze_step - sc.reach_step) // 2}
+
+    def measure(self) -> tuple[float, tuple[float, float]]:
+        """Measured latency ratio of the kept network and its range (rank 0 times it)."""
+        vals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if self.run.dist.main:
+            m, (lo, hi) = measure_kept(self.model, self.run.net.graph, self.gates, self.timing)
+            vals = torch.tensor([m, lo, hi], dtype=torch.float64, device=self.device)
+        if self.run.dist.enabled:
+            dist.broadcast(vals, 0)
+        m, lo, hi = vals.tolist()
+        return m, (lo, hi)
+
+    def _calibrate(self) -> None:
+        kept = self.gates.kept_widths()
+        predicted = self.criterion.fraction("latency", kept)
+        measured, spread = self.measure()
+        try:
+            scale = correction(predicted, measured)
+        except GatorError as exc:
+            if self.s.calibrate == "on":
+                raise
+            point = CalibrationPoint(self.step, predicted, measured, spread,
+                                     self.budget.schedule.scale)
+            self.calibrations.append(point)
+            self.log(f"epoch {self.epoch + 1} step {self.step}: {exc}; the ceiling stays")
+            return
+        opened = self.budget.rescale(scale, self.gates, self.optimizer)
+        point = CalibrationPoint(self.step, predicted, measured, spread, scale)
+        self.calibrations.append(point)
+        self.log(f"epoch {self.epoch + 1} step {self.step}: {point}; re-opened {opened} ch")
 
     def _weights(self) -> torch.Tensor:
         return self.criterion.edge_weights(self.gates.kept_widths())
@@ -405,6 +475,7 @@ class _Trainer:
             "step": self.step,
             "lam": self.lam,
             "controller": self.budget.state_dict() if self.budget else None,
+            "calibrations": [c.to_dict() for c in self.calibrations],
             "scaler": self.scaler.state_dict() if self.amp else None,
             "signature": model_signature(self.run.net.graph),
             "num_classes": self.run.net.num_classes,
@@ -442,6 +513,10 @@ class _Trainer:
         self.epoch, self.step, self.lam = int(m["epoch"]), int(m["step"]), float(m["lam"])
         if self.budget is not None and m.get("controller"):
             self.budget.load_state_dict(m["controller"])
+        self.calibrations = [
+            CalibrationPoint(**{**c, "spread": tuple(c["spread"])})
+            for c in m.get("calibrations", [])
+        ]
         if self.amp and m.get("scaler"):
             self.scaler.load_state_dict(m["scaler"])
         torch.set_rng_state(ckpt.tensors["rng.cpu"])
@@ -473,6 +548,8 @@ class _Trainer:
             lr = learning_rate(self.s, self.step, self.steps_per_epoch)
             self.lam = self.budget.step(self.step, self.gates, lr=lr,
                                         optimizer=self.optimizer).lam
+            if self.step in self._calibration_steps():
+                self._calibrate()
         refresh_gate_groups(
             self.optimizer.param_groups,
             self._weights(),
@@ -482,7 +559,7 @@ class _Trainer:
         if self._should_freeze():
             self.gates.freeze()
             # fine-tuning starts from the kept network's own statistics
-            recalibrate_norms(self.model, self._calibration_batches())
+            recalibrate_norms(self.model, self._norm_batches())
             self.ddp = self._wrap()  # DDP must forget the logits, which no longer get grads
             self.log(f"epoch {self.epoch + 1} step {self.step}: gates frozen, fine-tuning weights")
 
@@ -529,12 +606,12 @@ class _Trainer:
         ce_sum, correct, n = reduce_sum(totals[:3], self.run.dist, self.device)
         return ce_sum / max(n, 1), correct / max(n, 1), totals[3], base
 
-    def _calibration_batches(self) -> Iterator[torch.Tensor]:
+    def _norm_batches(self) -> Iterator[torch.Tensor]:
         """The first training images, in file order (no RNG used), on every rank alike."""
         loader = DataLoader(self.run.data.train, self.train_loader.batch_size, shuffle=False,
                             num_workers=0)
         for i, (x, _) in enumerate(loader):
-            if i >= CALIBRATION_BATCHES:
+            if i >= NORM_BATCHES:
                 return
             yield x.to(self.device)
 
@@ -543,7 +620,7 @@ class _Trainer:
         recalibrated for the kept network (:mod:`gator_hw.train.norms`)."""
         if not self.gates_training:
             return self._evaluate()
-        with recalibrated_norms(self.model, self._calibration_batches()):
+        with recalibrated_norms(self.model, self._norm_batches()):
             return self._evaluate()
 
     @torch.no_grad()
@@ -563,8 +640,11 @@ class _Trainer:
         kept = self.gates.kept_channels()
         fr = self.criterion.fractions(torch.tensor(kept, dtype=torch.float64))
         tgt = self.run.target
-        met = tgt is not None and fr.get(tgt.metric, 1.0) <= tgt.fraction
+        met = tgt is not None and fr.get(tgt.metric, 1.0) <= self.bound + 1e-9
         gates = "frozen" if self.gates.frozen else "training"
+        last = self.calibrations[-1] if self.calibrations else None
+        measured = last.measured if last is not None and last.step > (
+            self.epoch - 1) * self.steps_per_epoch else None
         b = self.budget
         moves = (b.closed, b.reopened) if b is not None else (0, 0)
         closed, reopened = (m - m0 for m, m0 in zip(moves, self._moves, strict=True))
@@ -586,7 +666,16 @@ class _Trainer:
             ceiling=b.schedule.ceiling(self.step) if b is not None else None,
             closed=closed,
             reopened=reopened,
+            measured=measured,
         )
+
+    @property
+    def bound(self) -> float:
+        """What the kept network's predicted cost must not exceed: the target, corrected by
+        the measurements (calibration)."""
+        if self.budget is not None:
+            return self.budget.schedule.bound
+        return self.run.target.fraction if self.run.target is not None else 1.0
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
@@ -629,7 +718,8 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
             write_json(run.out / "settings.json", _meta_settings(settings, run))
     if settings.amp and not tr.amp:
         tr.log("--amp needs CUDA; training in float32")
-    tr.log(f"{run.net} | {run.data} | {run.criterion} | budget {tr.budget or 'none'}")
+    tr.log(f"{run.net} | {run.data} | {run.criterion} | budget {tr.budget or 'none'}"
+           + (f" | measured latency: {tr.timing_note}" if tr.budget is not None else ""))
     rows = []
     while tr.epoch < settings.epochs:
         t0 = time.perf_counter()
@@ -649,15 +739,22 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
             dist.barrier()
     kept = tr.gates.kept_channels()
     fr = run.criterion.fractions(torch.tensor(kept, dtype=torch.float64))
-    met = None if run.target is None else fr[run.target.metric] <= run.target.fraction
+    met = None if run.target is None else fr[run.target.metric] <= tr.bound + 1e-9
+    final = None
+    if tr.timing is not None and tr.calibrations:
+        m, spread = tr.measure()
+        final = {"measured": m, "spread": list(spread), "predicted": fr["latency"]}
+        tr.log(f"the kept network measures {m:.3f} of the full net's latency (rounds "
+               f"{spread[0]:.3f}-{spread[1]:.3f}; target {run.target.fraction:g}, predicted "
+               f"{fr['latency']:.3f})")
     if run.dist.main:
-        write_json(run.out / "plan.json", _plan(tr, fr, met))
+        write_json(run.out / "plan.json", _plan(tr, fr, met, final))
     if met is False:
         t = run.target
         raise GatorError(
-            f"budget {t} not met: the kept network is predicted at {fr[t.metric]:.3f} after "
-            f"{settings.epochs} epochs; resume with more --epochs or an earlier --budget-at "
-            f"(run folder {run.out})"
+            f"budget {t} not met: the kept network is predicted at {fr[t.metric]:.3f} "
+            f"(bound {tr.bound:.3f}) after {settings.epochs} epochs; resume with more --epochs "
+            f"or an earlier --budget-at (run folder {run.out})"
         )
     return TrainResult(run.out, rows, kept, fr, met, tr.gates.kept_indices())
 
@@ -672,7 +769,8 @@ def _meta_settings(s: TrainSettings, run: _Run) -> dict[str, Any]:
     }
 
 
-def _plan(tr: _Trainer, fr: dict[str, float], met: bool | None) -> dict[str, Any]:
+def _plan(tr: _Trainer, fr: dict[str, float], met: bool | None,
+          final: dict[str, Any] | None = None) -> dict[str, Any]:
     g = tr.run.net.graph
     return {
         "model": g.model_name,
@@ -683,4 +781,6 @@ def _plan(tr: _Trainer, fr: dict[str, float], met: bool | None) -> dict[str, Any
         "kept_channels": tr.gates.kept_channels(),
         "fractions": fr,
         "budget_met": met,
+        "calibrations": [c.to_dict() for c in tr.calibrations],
+        "measured_latency": final,
     }

@@ -1,0 +1,139 @@
+"""Closed-loop latency: time the kept network where it runs and correct the budget by it.
+
+A cost model fitted on random nets is a few per cent off on the deeply pruned nets a budget
+run ends with, so ``--target latency=0.5`` would land wherever the model's error puts it. When
+the run trains on the device the latency table was profiled on, the trainer converts the
+network the gates keep (as ``convert`` will), times it against the full one with the
+profiler's protocol (``bench``'s paired rounds) and moves the predicted ceiling so that the
+*measured* ratio meets the target: ``ceiling = target * predicted / measured``. It does so when
+the schedule first reaches the budget and again half-way through the hold (the second
+measurement sees the network the first correction made); the gates then close or re-open
+channels to the new ceiling (:func:`~gator_hw.budget.enforce_ceiling`,
+:func:`~gator_hw.budget.give_back`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from gator_hw.errors import GatorError
+from gator_hw.gates import GateSet
+from gator_hw.graph import HyperGraph
+from gator_hw.profile.timing import TimingSpec, make_spec
+
+__all__ = ["CALIBRATE_MODES", "MAX_CORRECTION", "CalibrationPoint", "calibration_spec",
+           "correction", "measure_kept"]
+
+#: ``--calibrate`` values: auto (where the device matches the table's), on (or an error), off.
+CALIBRATE_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+#: A correction beyond this factor either way means the table is not this device's: refused.
+MAX_CORRECTION = 1.3
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One measurement of the kept network: its step, predicted and measured latency ratio
+    (of the full net), and the ceiling's correction factor that followed."""
+
+    step: int
+    predicted: float
+    measured: float
+    spread: tuple[float, float]
+    scale: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lo, hi = self.spread
+        return (f"measured latency ratio {self.measured:.3f} (rounds {lo:.3f}-{hi:.3f}), "
+                f"predicted {self.predicted:.3f}: ceiling x{self.scale:.3f}")
+
+
+def calibration_spec(
+    cost_model: Mapping | None, device: torch.device, mode: str = "auto"
+) -> tuple[TimingSpec | None, str]:
+    """The profile's timing protocol on ``device``, or ``None`` and why calibration is off.
+
+    ``cost_model`` is a config's embedded cost model; its context names the table's model,
+    batch, input size, dtype, layout, threads and device. ``mode`` ``"on"`` turns every reason
+    to skip into a GatorError.
+    """
+    if mode not in CALIBRATE_MODES:
+        raise GatorError(f"--calibrate must be one of {', '.join(CALIBRATE_MODES)}, got {mode!r}")
+    if mode == "off":
+        return None, "off (--calibrate off)"
+    ctx = dict((cost_model or {}).get("context", {}))
+    why = None
+    if not cost_model:
+        why = "the config has no cost model (make it with make-config from a latency table)"
+    elif not all(ctx.get(k) for k in ("model", "batch", "input_size", "device_name")):
+        why = "the config's cost model does not record its table's timing protocol; remake it"
+    spec = None
+    if why is None:
+        regime = str(ctx.get("regime") or "")
+        spec = make_spec(
+            str(ctx["model"]), device=device.type if device.type == "cpu" else str(device),
+            batch=int(ctx["batch"]), input_size=int(ctx["input_size"]),
+            dtype=str(ctx.get("dtype") or "float32"),
+            channels_last=bool(ctx.get("channels_last")), eager=regime == "cuda-eager",
+            threads=int(ctx["threads"]) if ctx.get("threads") else None,
+        )  # fmt: skip
+        if spec.device_name != ctx["device_name"]:
+            why = (f"the latency table was timed on {ctx['device_name']}, this run trains on "
+                   f"{spec.device_name}")
+            spec = None
+    if why is not None and mode == "on":
+        raise GatorError(f"--calibrate on: {why}; use --calibrate auto or off")
+    return spec, why or f"on ({spec})"
+
+
+def measure_kept(
+    model: nn.Module, graph: HyperGraph, gates: GateSet, spec: TimingSpec, *, rounds: int = 3
+) -> tuple[float, tuple[float, float]]:
+    """Measured latency ratio (median of ``rounds`` paired rounds) and its range, of the
+    network the deterministic gates keep, converted for real, against the full ``model``.
+
+    The gates are detached for the conversion and attached again afterwards; ``model`` and its
+    training mode are left as they were.
+    """
+    from gator_hw.convert import convert
+    from gator_hw.evaluate import compare_latency
+
+    was = model.training
+    attached = gates.attached
+    keep = gates.kept_indices()
+    if attached:
+        gates.detach()
+    try:
+        full = copy.deepcopy(model).eval()
+        small = convert(full, graph, keep)
+    finally:
+        if attached:
+            gates.attach(model, graph)
+        model.train(was)
+    res = compare_latency(full, small, spec, flops_ratio=float("nan"), rounds=rounds)
+    return res.latency_ratio, res.ratio_range
+
+
+def correction(predicted: float, measured: float) -> float:
+    """Factor on the predicted ceiling that makes the measured ratio meet the target.
+
+    GatorError beyond :data:`MAX_CORRECTION`: the table does not describe this device.
+    """
+    if not measured > 0:
+        raise GatorError(f"calibration measured a latency ratio of {measured}; time it again")
+    scale = predicted / measured
+    if not 1 / MAX_CORRECTION <= scale <= MAX_CORRECTION:
+        raise GatorError(
+            f"the kept network measures {measured:.3f} of the full net's latency but the cost "
+            f"model predicts {predicted:.3f}: the latency table does not describe this device "
+            "(or it was busy); profile it again here, or pass --calibrate off"
+        )
+    return scale
