@@ -167,6 +167,13 @@ def test_torch_settings_restores_state():
     assert torch.get_num_threads() == threads and torch.is_grad_enabled() is grad
     assert torch.backends.cudnn.benchmark is bench
     assert model.training and not model[0].training and model[1].training
+    # TF32 is set from the spec for convs and matmuls alike, and restored
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    for want in (True, False):
+        with torch_settings(tf32=want):
+            assert torch.backends.cudnn.allow_tf32 is want
+            assert torch.backends.cuda.matmul.allow_tf32 is want
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == old
 
 
 def test_time_model_cpu_protocol():
@@ -219,7 +226,13 @@ def test_devices_and_slugs(monkeypatch):
         assert device_slug(TimingSpec(model="m", batch=1, input_size=8, device_name=name)) == slug
     for name, slug in [
         ("NVIDIA H100 80GB HBM3", "h100"),
-        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H200 NVL", "h200-nvl"),
+        ("NVIDIA A100-SXM4-80GB", "a100-sxm4"),
+        ("NVIDIA A100 80GB PCIe", "a100-pcie"),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "h100-mig-1g10gb"),
+        ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", "a100-sxm4-mig-3g20gb"),
         ("NVIDIA GeForce RTX 4090", "rtx-4090"),
     ]:
         gpu = TimingSpec(model="m", batch=1, input_size=8, device="cuda:0", device_name=name)

@@ -200,6 +200,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: str, out: str, result_dir
     res = train(s, log=lambda m: None)
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump({str(k): v for k, v in res.plan.items()}, f)
+    torch.save(torch.get_rng_state(), os.path.join(result_dir, f"rng{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -219,6 +220,12 @@ def test_two_process_gloo_run_keeps_masks_identical(tmp_path):
     kept = sum(len(v) for v in r0.values())
     assert 0 < kept < 448  # something was pruned, identically on both ranks
     assert (tmp_path / "run" / "last.json").exists()
+    # each rank's own RNG state is in the checkpoint (its gate noise differs from the other's)
+    ck = load_checkpoint(tmp_path / "run")
+    states = [torch.load(tmp_path / f"rng{r}.pt") for r in (0, 1)]
+    assert torch.equal(ck.tensors["rng.cpu.0"], states[0])
+    assert torch.equal(ck.tensors["rng.cpu.1"], states[1])
+    assert not torch.equal(states[0], states[1])
 
 
 def test_prune_round_to_keeps_multiples_and_converts(tmp_path):
@@ -263,3 +270,22 @@ def test_parallel_and_device_settings_are_checked_before_anything_starts(monkeyp
     with pytest.raises(GatorError) as exc:
         check_parallel(64, 1, "cuda:5", 1)
     one_line_error(exc, "2 CUDA device")
+
+
+def test_amp_dtype_is_checked_and_bf16_needs_no_scaler(tmp_path):
+    with pytest.raises(GatorError, match="--amp-dtype must be one of"):
+        TrainSettings("resnet20", config=tmp_path / "c.json", amp=True,
+                      amp_dtype="float8").check()
+    TrainSettings("resnet20", config=tmp_path / "c.json", amp=True, amp_dtype="bfloat16").check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_autocast_trains_on_cuda(tmp_path):
+    cfg = write_config(GatingConfig(), tmp_path / "c.json")
+    s = TrainSettings("resnet20", config=cfg, data="fake", out=tmp_path / "r", epochs=1,
+                      batch_size=32, input_size=16, device="cuda", amp=True,
+                      amp_dtype="bfloat16", target="flops=0.8")  # fmt: skip
+    res = train(s, log=lambda m: None)
+    assert res.budget_met and torch.backends.cudnn.benchmark
+    meta = json.loads((tmp_path / "r" / "last.json").read_text())
+    assert meta["scaler"] is None  # bf16: no loss scaling

@@ -29,6 +29,13 @@ class CostSource(str, Enum):
     multipliers = "multipliers"
 
 
+class AmpDtype(str, Enum):
+    """Autocast dtype of --amp."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
 class Calibrate(str, Enum):
     """When to time the kept network and correct the latency budget by it."""
 
@@ -68,8 +75,11 @@ def prune_cmd(
         int, typer.Option(help="Split each batch into K micro-batches (exact accumulation).")
     ] = 1,
     amp: Annotated[
-        bool, typer.Option(help="float16 autocast + grad scaling (CUDA only).")
+        bool, typer.Option(help="Mixed precision on CUDA: autocast to --amp-dtype.")
     ] = False,
+    amp_dtype: Annotated[
+        AmpDtype, typer.Option(help="With --amp: float16 (with loss scaling) or bfloat16.")
+    ] = AmpDtype.float16,
     schedule: Annotated[
         Schedule, typer.Option(help="Learning-rate schedule.")
     ] = Schedule.cosine,
@@ -147,7 +157,8 @@ def prune_cmd(
     settings = TrainSettings(
         model=model, config=config, data=data, out=out, epochs=epochs, lr=lr,
         momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-        subdivision=subdivision, amp=amp, schedule=schedule.value, lr_step=lr_step,
+        subdivision=subdivision, amp=amp, amp_dtype=amp_dtype.value, schedule=schedule.value,
+        lr_step=lr_step,
         resume=resume, save_interval=save_interval, target=target, budget_at=budget_at,
         hold_epochs=hold_epochs, round_to=round_to, cost_source=cost.value,
         importance_power=importance_power, calibrate=calibrate.value,

@@ -1,4 +1,7 @@
-"""The timing protocol: what one latency number means, and how it is measured.
+"""The timing engines: how one latency number is measured under a :class:`TimingSpec`.
+
+The spec itself is :mod:`gator_hw.profile.spec`, the device description
+:mod:`gator_hw.profile.device` (both re-exported here). The CUDA engine is :func:`_time_cuda`.
 
 One measurement times the whole forward of one (possibly slimmed) network at a fixed batch,
 dtype and memory layout, in eval mode under ``torch.inference_mode()``:
@@ -32,13 +35,8 @@ reference when interleaved, else of its times; above :data:`NOISY_REL_IQR` it wa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,7 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from gator_hw.errors import GatorError
+from gator_hw.profile.device import cpu_name, device_info, device_slug
+from gator_hw.profile.spec import DTYPES, REGIMES, TimingSpec, make_spec, resolve_device
 
 __all__ = [
     "DTYPES",
@@ -70,110 +69,6 @@ NOISY_REL_IQR: float = 0.10
 #: Above this relative IQR the number is hardly usable; the warning says so.
 VERY_NOISY_REL_IQR: float = 0.25
 
-#: dtype names accepted on the command line, with their torch dtype.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-#: How a number was measured: plain CPU calls, CUDA-graph replay, or eager CUDA calls.
-REGIMES: tuple[str, ...] = ("cpu", "cuda-graph", "cuda-eager")
-
-
-@dataclass(frozen=True)
-class TimingSpec:
-    """Everything a latency number depends on (frozen and hashable, like a benchmark TaskSpec).
-
-    Parameters
-    ----------
-    model : model name as given to ``load_network`` (torchvision name or ``file.py:factory``).
-    batch : samples per forward.
-    input_size : square input side in pixels.
-    dtype : ``float32``, ``float16`` or ``bfloat16`` (weights and input).
-    channels_last : whether weights and input use the NHWC memory format.
-    device : ``cpu`` or ``cuda:N``.
-    device_name : what the device is (GPU product name, CPU model name).
-    regime : one of :data:`REGIMES`.
-    threads : intra-op CPU threads (on CUDA: the host threads, which matter little).
-    warmup : untimed forwards before timing (per measurement; also cudnn autotuning).
-    repeats : timed blocks, at least; the IQR is taken over the per-block per-call times.
-    min_block_s : shortest block in seconds; short calls are repeated within a block.
-    cudnn_benchmark : ``torch.backends.cudnn.benchmark`` while timing.
-    tf32 : whether float32 convs may use TF32 tensor cores (``cudnn.allow_tf32``).
-    interleave : time each network in blocks alternating with a reference network's (CPU).
-    torch_version : ``torch.__version__``.
-    variant : id of the timed network variant (``full`` for the unpruned net).
-    """
-
-    model: str
-    batch: int
-    input_size: int
-    dtype: str = "float32"
-    channels_last: bool = False
-    device: str = "cpu"
-    device_name: str = "cpu"
-    regime: str = "cpu"
-    threads: int = 1
-    warmup: int = 3
-    repeats: int = 10
-    min_block_s: float = 0.05
-    cudnn_benchmark: bool = True
-    tf32: bool = False
-    interleave: bool = False
-    torch_version: str = torch.__version__
-    variant: str = "full"
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise GatorError(f"unknown dtype '{self.dtype}'; use one of {', '.join(DTYPES)}")
-        if self.regime not in REGIMES:
-            raise GatorError(f"unknown timing regime '{self.regime}'; use {', '.join(REGIMES)}")
-        for name in ("batch", "input_size", "threads", "repeats"):
-            if getattr(self, name) < 1:
-                raise GatorError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 1:
-            raise GatorError(f"warmup must be >= 1 forward, got {self.warmup}")
-        if self.interleave and self.regime != "cpu":
-            raise GatorError(
-                "--interleave is for CPU timing; on CUDA, graph replay is stable without it "
-                "(use --no-interleave or leave it out)"
-            )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, 3, self.input_size, self.input_size)
-
-    def for_variant(self, variant: str) -> TimingSpec:
-        """The same protocol for another network variant."""
-        return dataclasses.replace(self, variant=variant)
-
-    def key(self) -> dict:
-        """The protocol as plain data, without the variant (what resumed cells must share)."""
-        out = dataclasses.asdict(self)
-        out.pop("variant")
-        return out
-
-    def __str__(self) -> str:
-        layout = " channels-last" if self.channels_last else ""
-        paired = ", interleaved" if self.interleave else ""
-        return (
-            f"{self.model} [{self.variant}] b{self.batch} {self.input_size}px "
-            f"{self.dtype}{layout} on {self.device} ({self.device_name}, {self.regime}"
-            f"{paired}, {self.threads} threads)"
-        )
 
 
 def _quantiles(times: tuple[float, ...]) -> tuple[float, float, float]:
@@ -284,13 +179,16 @@ def torch_settings(
     cudnn_benchmark: bool | None = None,
     grad_enabled: bool | None = None,
     model: nn.Module | None = None,
+    tf32: bool | None = None,
 ) -> Iterator[None]:
-    """Set torch's thread count, ``cudnn.benchmark``, grad mode and ``model``'s eval mode.
+    """Set torch's thread count, ``cudnn.benchmark``, grad mode, TF32 (convs and matmuls
+    alike) and ``model``'s eval mode.
 
     Arguments left at ``None`` are not touched. ``model`` is put in eval mode. Every previous
     value (each submodule's train flag included) is restored in ``finally``.
     """
     old_threads = torch.get_num_threads()
+    old_tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     old_bench = torch.backends.cudnn.benchmark
     old_grad = torch.is_grad_enabled()
     old_modes = [(m, m.training) for m in model.modules()] if model is not None else []
@@ -301,173 +199,19 @@ def torch_settings(
             torch.backends.cudnn.benchmark = cudnn_benchmark
         if grad_enabled is not None:
             torch.set_grad_enabled(grad_enabled)
+        if tf32 is not None:  # a "float32" CUDA table is timed as its spec says, not as set
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         if model is not None:
             model.eval()
         yield
     finally:
         torch.set_num_threads(old_threads)
         torch.backends.cudnn.benchmark = old_bench
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_tf32
         torch.set_grad_enabled(old_grad)
         for m, mode in old_modes:
             m.training = mode
-
-
-# ---------------------------------------------------------------------------
-# devices
-# ---------------------------------------------------------------------------
-def resolve_device(text: str) -> torch.device:
-    """Parse ``cpu``, ``cuda`` or ``cuda:N`` and check that the device exists here.
-
-    Raises
-    ------
-    GatorError
-        For any other name, for CUDA without a usable GPU, or an index out of range.
-    """
-    name = text.strip().lower()
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise GatorError(
-                f"--device {text} needs a CUDA GPU, but torch {torch.__version__} sees none on "
-                "this machine; use --device cpu or run on a machine with a GPU"
-            )
-        index = int(name[5:]) if ":" in name else torch.cuda.current_device()
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise GatorError(
-                f"--device {text}: this machine has {count} CUDA device(s) "
-                f"(cuda:0..cuda:{count - 1}); pick one of those"
-            )
-        return torch.device("cuda", index)
-    raise GatorError(f"unknown device '{text}'; use cpu, cuda or cuda:N")
-
-
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux, else ``platform``)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
-        for line in fh:
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
-
-
-#: Words a device name carries that do not tell two devices apart.
-_NOISE_WORDS = ("nvidia", "geforce", "tesla", "quadro", "(r)", "(tm)", "cpu", "processor")
-
-
-def device_slug(spec: TimingSpec) -> str:
-    """Short folder name for a device: ``h100``, ``a100``, ``rtx-4090``, and for CPUs ``cpu-``
-    and their family (``cpu-amd-epyc``, ``cpu-intel-xeon``): tables of two CPUs never share
-    a folder."""
-    name = spec.device_name.lower().replace("(r)", " ").replace("(tm)", " ")
-    words = [w for w in name.replace("-", " ").split() if w not in _NOISE_WORDS]
-    picked: list[str] = []
-    for w in words:
-        if "@" in w or w.endswith("ghz"):
-            break
-        picked.append("".join(c for c in w if c.isalnum()))
-        if any(c.isdigit() for c in w):
-            break
-    slug = "-".join(p for p in picked if p)
-    if not spec.device.startswith("cuda"):
-        return f"cpu-{slug}" if slug else "cpu"
-    return slug or "cuda"
-
-
-def _nvidia_driver() -> str | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
-
-
-def device_info(spec: TimingSpec) -> dict:
-    """The software and hardware a measurement ran on (for the JSON sidecar)."""
-    device = spec.torch_device
-    info: dict = {
-        "device": spec.device,
-        "device_name": spec.device_name,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": None,
-        "driver": None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            cudnn=torch.backends.cudnn.version(),
-            driver=_nvidia_driver(),
-            capability=f"{props.major}.{props.minor}",
-            memory_gib=round(props.total_memory / 2**30, 2),
-            multiprocessors=props.multi_processor_count,
-        )
-    else:
-        info["mkldnn"] = torch.backends.mkldnn.is_available()
-    return info
-
-
-def make_spec(
-    model: str,
-    *,
-    device: str = "cpu",
-    batch: int = 1,
-    input_size: int,
-    dtype: str = "float32",
-    channels_last: bool = False,
-    eager: bool = False,
-    threads: int | None = None,
-    warmup: int | None = None,
-    repeats: int | None = None,
-    min_block_s: float | None = None,
-    interleave: bool | None = None,
-) -> TimingSpec:
-    """Build a :class:`TimingSpec` from user options, resolving the device and its defaults.
-
-    CPU defaults: 3 warm-up calls, 10 blocks of >= 50 ms, interleaved with a reference.
-    CUDA defaults: 5 warm-up forwards, 10 blocks of >= 5 ms, graph replay unless ``eager``.
-    """
-    dev = resolve_device(device)
-    on_cuda = dev.type == "cuda"
-    if threads is not None and threads < 1:
-        raise GatorError(f"--threads must be >= 1, got {threads}")
-    return TimingSpec(
-        model=model,
-        batch=batch,
-        input_size=input_size,
-        dtype=dtype,
-        channels_last=channels_last,
-        device=str(dev),
-        device_name=_device_name(dev),
-        regime=("cuda-eager" if eager else "cuda-graph") if on_cuda else "cpu",
-        threads=threads or torch.get_num_threads(),
-        warmup=warmup or (5 if on_cuda else 3),
-        repeats=repeats or 10,
-        min_block_s=min_block_s or (0.005 if on_cuda else 0.05),
-        cudnn_benchmark=True,
-        tf32=bool(torch.backends.cudnn.allow_tf32) if on_cuda else False,
-        interleave=(not on_cuda) if interleave is None else interleave,
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -619,6 +363,7 @@ def time_model(
             cudnn_benchmark=spec.cudnn_benchmark,
             grad_enabled=False,
             model=model,
+            tf32=spec.tf32 if spec.torch_device.type == "cuda" else None,
         ),
         torch_settings(model=reference if paired else None),
         torch.inference_mode(),

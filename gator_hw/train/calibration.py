@@ -5,7 +5,9 @@ run ends with, so ``--target latency=0.5`` would land wherever the model's error
 the run trains on the device the latency table was profiled on, the trainer converts the
 network the gates keep (as ``convert`` will), times it against the full one with the
 profiler's protocol (``bench``'s paired rounds) and moves the predicted ceiling so that the
-*measured* ratio meets the target: ``ceiling = target * predicted / measured``. It does so when
+*measured* ratio meets the target: ``ceiling = target * predicted / measured``, the ratio
+pooled over the measurements so far (a geometric mean: one measurement on a busy host is a
+few per cent off). It does so when
 the schedule first reaches the budget and again half-way through the hold (the second
 measurement sees the network the first correction made); the gates then close or re-open
 channels to the new ceiling (:func:`~gator_hw.budget.enforce_ceiling`,
@@ -39,13 +41,15 @@ MAX_CORRECTION = 1.3
 @dataclass(frozen=True)
 class CalibrationPoint:
     """One measurement of the kept network: its step, predicted and measured latency ratio
-    (of the full net), and the ceiling's correction factor that followed."""
+    (of the full net), and the ceiling's correction factor that followed (pooled over the
+    accepted measurements so far)."""
 
     step: int
     predicted: float
     measured: float
     spread: tuple[float, float]
     scale: float
+    accepted: bool = True  # False: too far from the prediction, the ceiling stayed
 
     def to_dict(self) -> dict:
         return asdict(self)

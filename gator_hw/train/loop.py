@@ -73,11 +73,17 @@ __all__ = [
     "train",
 ]
 
+#: Autocast dtypes of ``--amp`` (bfloat16 needs no loss scaling).
+AMP_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+
 #: Learning-rate schedules.
 SCHEDULES: tuple[str, ...] = ("cosine", "step")
 
 #: Training batches that re-estimate batch-norm statistics for the deterministic gates.
 NORM_BATCHES = 16
+
+#: Paired rounds of each measurement of the kept network (``--calibrate``).
+CALIBRATION_ROUNDS = 5
 
 #: Files whose presence marks a folder as holding a run (never overwritten without --resume).
 _RUN_FILES = ("log.csv", "last.json")
@@ -98,6 +104,7 @@ class TrainSettings:
     batch_size: int = 64
     subdivision: int = 1
     amp: bool = False
+    amp_dtype: str = "float16"
     schedule: str = "cosine"
     lr_step: int = 30
     resume: Path | None = None
@@ -138,6 +145,9 @@ class TrainSettings:
             raise GatorError(
                 f"--importance-power must be in [0, 4], got {self.importance_power}; 1 is HALP's"
             )
+        if self.amp_dtype not in AMP_DTYPES:
+            raise GatorError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got "
+                             f"{self.amp_dtype!r}")
         if self.calibrate not in CALIBRATE_MODES:
             raise GatorError(f"--calibrate must be one of {', '.join(CALIBRATE_MODES)}")
         if self.cost_source not in COST_SOURCES:
@@ -358,7 +368,10 @@ class _Trainer:
             self.lam = self.budget.start(self.gates,
                                          learning_rate(self.s, 0, self.steps_per_epoch))
         self.amp = self.s.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaling = self.amp and self.s.amp_dtype == "float16"  # bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.scaling)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
         self.epoch, self.step = 0, 0
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
@@ -402,7 +415,8 @@ class _Trainer:
         """Measured latency ratio of the kept network and its range (rank 0 times it)."""
         vals = torch.zeros(3, dtype=torch.float64, device=self.device)
         if self.run.dist.main:
-            m, (lo, hi) = measure_kept(self.model, self.run.net.graph, self.gates, self.timing)
+            m, (lo, hi) = measure_kept(self.model, self.run.net.graph, self.gates, self.timing,
+                                       rounds=CALIBRATION_ROUNDS)
             vals = torch.tensor([m, lo, hi], dtype=torch.float64, device=self.device)
         if self.run.dist.enabled:
             dist.broadcast(vals, 0)
@@ -414,12 +428,18 @@ class _Trainer:
         predicted = self.criterion.fraction("latency", kept)
         measured, spread = self.measure()
         try:
-            scale = correction(predicted, measured)
+            correction(predicted, measured)  # refuses a measurement far off the model
+            # pooled over every measurement so far (geometric mean of predicted / measured):
+            # one measurement on a busy host is a few per cent off, and chasing it would move
+            # the ceiling by its noise
+            ratios = [c.predicted / c.measured for c in self.calibrations if c.accepted]
+            ratios.append(predicted / measured)
+            scale = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         except GatorError as exc:
             if self.s.calibrate == "on":
                 raise
             point = CalibrationPoint(self.step, predicted, measured, spread,
-                                     self.budget.schedule.scale)
+                                     self.budget.schedule.scale, accepted=False)
             self.calibrations.append(point)
             self.log(f"epoch {self.epoch + 1} step {self.step}: {exc}; the ceiling stays")
             return
@@ -455,14 +475,26 @@ class _Trainer:
         return not self.gates.frozen
 
     # -- checkpoints
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's RNG state (``rng.cpu.R``, ``rng.cuda.R``): each rank draws its own gate
+        noise, so a resume must give each its own state back. Collective under DDP."""
+        mine = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        every = [mine]
+        if self.run.dist.enabled:
+            every = [None] * self.run.dist.world
+            dist.all_gather_object(every, mine)
+        t = {f"rng.{k}.{r}": v for r, st in enumerate(every) for k, v in st.items()}
+        t.update({f"rng.{k}": v for k, v in mine.items()})  # rank 0's, for older readers
+        return t
+
+    def _tensors(self, rng: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         t.update({f"gates.{k}": v for k, v in self.gates.state_dict().items()})
         for idx, st in self.optimizer.state_dict()["state"].items():
             t.update({f"optim.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
-        t["rng.cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            t["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        t.update(rng)
         return t
 
     def _meta(self) -> dict[str, Any]:
@@ -476,7 +508,7 @@ class _Trainer:
             "lam": self.lam,
             "controller": self.budget.state_dict() if self.budget else None,
             "calibrations": [c.to_dict() for c in self.calibrations],
-            "scaler": self.scaler.state_dict() if self.amp else None,
+            "scaler": self.scaler.state_dict() if self.scaling else None,
             "signature": model_signature(self.run.net.graph),
             "num_classes": self.run.net.num_classes,
             "settings": {
@@ -488,8 +520,9 @@ class _Trainer:
         }
 
     def save(self, name: str) -> None:
+        rng = self._rng_states()  # every rank takes part
         if self.run.dist.main:
-            save_checkpoint(self.run.out / name, self._tensors(), self._meta())
+            save_checkpoint(self.run.out / name, self._tensors(rng), self._meta())
 
     def _restore(self, ckpt: Checkpoint) -> None:
         try:
@@ -517,11 +550,16 @@ class _Trainer:
             CalibrationPoint(**{**c, "spread": tuple(c["spread"])})
             for c in m.get("calibrations", [])
         ]
-        if self.amp and m.get("scaler"):
+        if self.scaling and m.get("scaler"):
             self.scaler.load_state_dict(m["scaler"])
-        torch.set_rng_state(ckpt.tensors["rng.cpu"])
-        if self.device.type == "cuda" and "rng.cuda" in ckpt.tensors:
-            torch.cuda.set_rng_state(ckpt.tensors["rng.cuda"], self.device)
+        rank, t = self.run.dist.rank, ckpt.tensors
+        if f"rng.cpu.{rank}" in t:
+            torch.set_rng_state(t[f"rng.cpu.{rank}"])
+        elif rank == 0:  # a checkpoint of another world size (or an older one): rank 0's
+            torch.set_rng_state(t["rng.cpu"])
+        cuda = t.get(f"rng.cuda.{rank}", t.get("rng.cuda") if rank == 0 else None)
+        if self.device.type == "cuda" and cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
 
     # -- one epoch
     def _set_lr(self) -> float:
@@ -531,7 +569,7 @@ class _Trainer:
         return base
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
+        return torch.autocast("cuda", dtype=getattr(torch, self.s.amp_dtype), enabled=self.amp)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.sampler is not None:
@@ -594,7 +632,7 @@ class _Trainer:
             )
             if self.gates_training:
                 self.gates.update_importance(
-                    scale=float(self.scaler.get_scale()) if self.amp else 1.0,
+                    scale=float(self.scaler.get_scale()) if self.scaling else 1.0,
                     reduce=dist.all_reduce if self.run.dist.enabled else None)
             self.scaler.step(self.optimizer)
             self.scaler.update()
