@@ -39,6 +39,27 @@ def test_edges_table_prints() -> None:
     assert "prunable" in result.output and "network input" in result.output
 
 
+def test_edges_table_wraps_names_instead_of_cutting_them() -> None:
+    """At 60 columns long edge names and frozen reasons fold onto more lines; nothing is cut."""
+    from gator_hw.network import load_network
+
+    result = runner.invoke(app, ["edges", "densenet121", "--input-size", "32"],
+                           env={"COLUMNS": "60"})
+    assert result.exit_code == 0 and "\u2026" not in result.output  # no ellipsis
+    rows: list[list[str]] = []  # the "#" and "edge" cells, a folded cell's lines joined
+    for line in result.output.splitlines():
+        cells = line.split("\u2502")
+        if len(cells) < 4:
+            continue
+        if cells[1].strip() or not rows:
+            rows.append([cells[1].strip(), cells[2].strip()])
+        else:
+            rows[-1][1] += cells[2].strip()
+    names = [name for idx, name in rows if idx.isdigit()]
+    want = [e.name for e in load_network("densenet121", input_size=32).graph.edges]
+    assert names == want and max(map(len, want)) > 20  # long names, whole
+
+
 def test_user_error_is_one_line_on_stderr_with_exit_1() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "gator_hw", "edges", "resnet5"],

@@ -18,7 +18,7 @@ from gator_hw.costmodel.model import _estimator, fit_cost_model, holdout_mask, l
 from gator_hw.costmodel.validate import repeated_holdout, score, validate
 from gator_hw.errors import GatorError
 from gator_hw.slim import slim
-from tests.conftest import cached_network
+from tests.conftest import cached_network, one_line_error
 from tests.synthetic import true_latency_ms, write_synthetic_table
 
 
@@ -257,3 +257,40 @@ def test_at_least_as_good_compares_every_metric() -> None:
     b = score("b", np.array([10.0, 20.0, 40.0]), np.array([12.0, 18.0, 41.0]))
     assert a.at_least_as_good_as(b) and not b.at_least_as_good_as(a)
     assert a.at_least_as_good_as(a)
+
+
+def test_a_saved_cost_model_travels_and_checks_what_it_recorded(table, tmp_path,
+                                                                monkeypatch) -> None:
+    """Saved next to a copy of its table, the pair loads from any working directory; an
+    edited multiplier or a changed table is a one-line error."""
+    import shutil
+
+    from gator_hw.profile.tables import sidecar_path
+
+    graph = cached_network("resnet18", 32).graph
+    work = tmp_path / "project"
+    (work / "profiles").mkdir(parents=True)
+    local = work / "profiles" / "t.csv"
+    shutil.copy(table, local)
+    shutil.copy(sidecar_path(table), sidecar_path(local))
+    monkeypatch.chdir(work)
+    cm = fit_cost_model([Path("profiles/t.csv")], graph, method="ridge")
+    saved = cm.save(work / "cfg" / "m.costmodel.json")
+    doc = json.loads(saved.read_text())
+    assert doc["tables"][0]["relpath"] == "../profiles/t.csv" and doc["versions"]
+    monkeypatch.chdir(tmp_path)  # elsewhere: found beside the file
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(work, moved)
+    shutil.rmtree(work)
+    again = load_cost_model(moved / "cfg" / "m.costmodel.json", graph)
+    assert again.multipliers() == pytest.approx(cm.multipliers(), rel=1e-9)
+    doc["multipliers"][0] *= 1.5
+    bad = moved / "cfg" / "bad.costmodel.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(GatorError) as exc:
+        load_cost_model(bad, graph)
+    one_line_error(exc, "other multipliers", "refit")
+    (moved / "profiles" / "t.csv").unlink()
+    with pytest.raises(GatorError) as exc:
+        load_cost_model(moved / "cfg" / "m.costmodel.json", graph)
+    one_line_error(exc, "missing", "refit")

@@ -32,8 +32,9 @@ def test_shipped_table_loads_against_its_model(table: Path) -> None:
 
 
 @pytest.mark.parametrize("path", COST_MODELS, ids=lambda p: p.stem)
-def test_shipped_config_matches_its_refitted_cost_model(path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(ROOT)  # table paths are recorded relative to the repository
+def test_shipped_config_matches_its_refitted_cost_model(path: Path, monkeypatch,
+                                                        tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # the files travel: found from any working directory
     doc = json.loads(path.read_text())
     classes = doc["context"].get("num_classes") or 1000
     net = load_network(doc["model"], input_size=doc["input_shape"][-1], num_classes=classes)
@@ -42,7 +43,9 @@ def test_shipped_config_matches_its_refitted_cost_model(path: Path, monkeypatch)
     assert len(cfg.edge_multipliers) == net.graph.n_edges
     assert cm.multipliers() == pytest.approx(doc["multipliers"], rel=1e-6)
     assert cfg.edge_multipliers == pytest.approx(doc["multipliers"], rel=1e-6)
-    assert cfg.provenance["tables"] == doc["tables"]
+    assert [(t["path"], t["sha256"]) for t in cfg.provenance["tables"]] == [
+        (t["path"], t["sha256"]) for t in doc["tables"]]
+    assert doc["versions"]["scikit_learn"] and all("relpath" in t for t in doc["tables"])
     # the config carries the same model: it rebuilds and predicts what the file does
     from gator_hw.costmodel.embedded import embedded_cost_model
 

@@ -105,8 +105,9 @@ def edges_cmd(
     if profile is not None:
         cols.append(("lat. saved % @half", "right"))
     cols += [("sites", "right"), ("prunable", "left")]
-    for col, just in cols:
-        table.add_column(col, justify=just)
+    for col, just in cols:  # names wrap (fold), never cut with an ellipsis
+        table.add_column(col, justify=just, overflow="fold",
+                         min_width=12 if col in ("edge", "prunable") else None)
     for row in report["edges"]:
         share = f"{100 * row['flops_share']:.2f}" if row["flops_share"] is not None else "-"
         lat = row["latency_saving_pct"]
@@ -120,7 +121,7 @@ def edges_cmd(
             cells.append("-" if lat is None else f"{lat:.2f}")
         cells += [
             str(len(row["members"])),
-            "yes" if row["prunable"] else "no: " + "; ".join(row["why_not"])[:80],
+            "yes" if row["prunable"] else "no: " + "; ".join(row["why_not"]),
         ]
         table.add_row(*cells)
     console.print(table)

@@ -51,7 +51,8 @@ def print_summary(result: ProfileResult, top: int = 10) -> None:
         return
     table = Table(title=f"top {len(edges)} edges by time saved (median over rounds)")
     for col in ("#", "edge", "kept", "FLOPs saved %", "saved ms", "saved %", "worst IQR %"):
-        table.add_column(col, justify="left" if col == "edge" else "right")
+        table.add_column(col, justify="left" if col == "edge" else "right", overflow="fold",
+                         min_width=12 if col == "edge" else None)
     for row in edges.itertuples():
         noisy = " (noisy)" if row.noisy_rounds else ""
         table.add_row(

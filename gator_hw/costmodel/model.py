@@ -169,8 +169,26 @@ class CostModel:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the model as JSON (parameters and source tables; no pickle)."""
-        return write_json(path, self.to_json())
+        """Write the model as JSON (parameters and source tables; no pickle).
+
+        Each table is also recorded relative to the file itself (``relpath``), so the pair
+        travels: the file loads from any working directory.
+        """
+        import os
+
+        import sklearn
+
+        from gator_hw import __version__
+
+        path = Path(path)
+        doc = self.to_json()
+        doc["tables"] = [
+            {**t, "relpath": os.path.relpath(Path(t["path"]).resolve(),
+                                             path.resolve().parent)}
+            for t in self.tables
+        ]  # fmt: skip
+        doc["versions"] = {"gator_hw": __version__, "scikit_learn": sklearn.__version__}
+        return write_json(path, doc)
 
     def __str__(self) -> str:
         cv = ", ".join(f"{k} {v:.2f}%" for k, v in self.cv_mape.items())
@@ -257,19 +275,38 @@ def load_cost_model(path: str | Path, graph: HyperGraph) -> CostModel:
         raise GatorError(f"{path} is not a gator-hw cost model file")
     if doc["model"] != graph.model_name:
         raise GatorError(f"{path} models {doc['model']}, not {graph.model_name}")
-    tables = []
-    for t in doc["tables"]:
-        p = Path(t["path"])
-        if not p.is_absolute() and not p.exists():
-            p = path.parent / p
-        if not p.is_file():
-            raise GatorError(f"table {t['path']} of cost model {path} is missing; refit it")
-        if file_sha256(p) != t["sha256"]:
-            raise GatorError(f"table {p} changed since cost model {path} was fitted; refit it")
-        tables.append(p)
+    tables = [_find_table(t, path) for t in doc["tables"]]
     samples = load_samples(tables, graph)
     fit = samples.subset(np.isin(samples.variant, doc["fit_variants"]))
     fmap, est = refit(graph, doc["method"], doc["params"], fit.widths, fit.latency_ms,
                       samples.batch, samples.dtype)
-    return CostModel(graph, fmap, doc["method"], est, samples.baseline_ms, doc["fit_variants"],
-                     doc.get("cv_mape", {}), doc["tables"], doc.get("context", {}))
+    cm = CostModel(graph, fmap, doc["method"], est, samples.baseline_ms, doc["fit_variants"],
+                   doc.get("cv_mape", {}), doc["tables"], doc.get("context", {}))
+    made = doc.get("versions", {}).get("scikit_learn", "an unknown version")
+    if "features" in doc and cm.feature_names() != doc["features"]:
+        raise GatorError(f"cost model {path} names other features than this gator-hw computes; "
+                         "refit it with make-config")
+    if "multipliers" in doc and not np.allclose(cm.multipliers(), doc["multipliers"],
+                                                rtol=1e-6, atol=0.0):
+        raise GatorError(f"cost model {path} refits to other multipliers than it recorded "
+                         f"(made with scikit-learn {made}); refit it with make-config")
+    return cm
+
+
+def _find_table(entry: dict, model_file: Path) -> Path:
+    """A recorded table: beside the model file (``relpath``), as recorded (from the working
+    directory), or under a folder above the model file (a project root); hash-checked."""
+    rec = Path(entry["path"])
+    tries = [model_file.parent / entry["relpath"]] if entry.get("relpath") else []
+    tries.append(rec)
+    if not rec.is_absolute():
+        tries += [d / rec for d in model_file.resolve().parents]
+    p = next((t for t in tries if t.is_file()), None)
+    if p is None:
+        raise GatorError(
+            f"table {entry['path']} of cost model {model_file} is missing (looked beside the "
+            "file and from the working directory); put the table back or refit with make-config"
+        )
+    if file_sha256(p) != entry["sha256"]:
+        raise GatorError(f"table {p} changed since cost model {model_file} was fitted; refit it")
+    return p
