@@ -20,7 +20,9 @@ __all__ = [
     "available_models",
     "build_model",
     "default_input_size",
+    "is_weights_name",
     "load_weights",
+    "pretrained_state",
     "resnet56",
 ]
 
@@ -173,8 +175,76 @@ def build_model(name: str, num_classes: int = 1000, *, seed: int | None = 0) -> 
     return model.eval()
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a state dict (``.pt``/``.pth``, read with ``weights_only``, or ``.safetensors``)."""
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def is_weights_name(text: str | Path) -> bool:
+    """True for a torchvision weights name (``DEFAULT``, ``IMAGENET1K_V2``,
+    ``ResNet50_Weights.IMAGENET1K_V2``) rather than a file path."""
+    s = str(text)
+    return (not Path(s).exists() and "/" not in s and "\\" not in s
+            and not s.lower().endswith(_WEIGHT_SUFFIXES) and s.replace(".", "_").replace(
+                "_", "").isalnum())
+
+
+def pretrained_state(name: str, weights: str) -> dict:
+    """The state dict of torchvision's ``weights`` for builder ``name``, through torchvision's
+    own weights API and the torch hub cache (``$TORCH_HOME/hub/checkpoints``); fetched only
+    when not cached. GatorError (one line, with the fix) for an unknown name or when it is
+    neither cached nor reachable."""
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(name)
+    except (ValueError, KeyError):
+        raise GatorError(f"--weights {weights}: {name} has no torchvision weights; pass a state "
+                         "dict file instead") from None
+    key = weights.split(".")[-1]
+    if key not in enum.__members__:
+        raise GatorError(f"--weights {weights}: {name} has {', '.join(enum.__members__)}; or "
+                         "pass a state dict file")
+    w = enum[key]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+    try:
+        return w.get_state_dict(progress=False)
+    except Exception as exc:  # no network, proxy, a truncated download: all one fix
+        raise GatorError(
+            f"--weights {weights}: {w} is not in the torch hub cache ({cached}) and could not "
+            f"be fetched ({type(exc).__name__}); download {w.url} to that path or pass "
+            "--weights FILE"
+        ) from None
+
+
+def _fit_head(model: nn.Module, state: dict) -> tuple[dict, list[str]]:
+    """Drop the classifier's tensors when their shape differs (pretrained on 1000 classes,
+    pruned on 10): the head then starts at random. Other mismatches stay errors."""
+    own = model.state_dict()
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if head is None or any(k.rsplit(".", 1)[0] != head for k in bad):
+        return state, []
+    return {k: v for k, v in state.items() if k not in bad}, bad
+
+
+def load_weights(model: nn.Module, path: str | Path, name: str | None = None,
+                 log=None) -> nn.Module:
+    """Load a state dict (``.pt``/``.pth``, read with ``weights_only``, or ``.safetensors``),
+    or, with the builder ``name``, torchvision weights by name (``DEFAULT``, ...).
+
+    A classifier whose class count differs from the weights' starts at random (``log`` says so).
+    """
+    if name is not None and is_weights_name(path):
+        state, dropped = _fit_head(model, pretrained_state(name, str(path)))
+        if dropped and log is not None:
+            log(f"--weights {path}: the classifier ({', '.join(dropped)}) does not fit "
+                "the class count and starts at random")
+        try:
+            model.load_state_dict(state, strict=not dropped)
+        except RuntimeError as exc:
+            raise GatorError(f"--weights {path} do not fit {name}: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+        return model
     path = Path(path)
     if not path.is_file():
         raise GatorError(f"weights file {path} does not exist")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +40,16 @@ def load_network(
     num_classes: int = 1000,
     weights: str | Path | None = None,
     seed: int | None = 0,
+    log: Callable[[str], None] | None = None,
 ) -> Network:
-    """Build ``name`` (random init, or ``weights``), trace it and discover its hyperedges."""
+    """Build ``name`` (random init, or ``weights``: a state dict file or a torchvision weights
+    name), trace it and discover its hyperedges; ``log`` hears what loading the weights did."""
     if input_size is not None and input_size < 1:
         raise GatorError(f"--input-size must be a positive number of pixels, got {input_size}")
     size = input_size or default_input_size(name)
     model = build_model(name, num_classes, seed=seed)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, name=name, log=log)
     graph = build_hypergraph(model, (1, 3, size, size), name)
     n_out = getattr(model, "num_classes", None)
     return Network(name, model, graph, size, int(n_out or num_classes))

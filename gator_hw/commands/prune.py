@@ -132,9 +132,10 @@ def prune_cmd(
         int | None, typer.Option(help="Without --target: freeze gates after N epochs.")
     ] = None,
     weights: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            exists=True, dir_okay=False, help="Starting state dict (.pt/.safetensors)."
+            help="Starting weights: a state dict file (.pt/.pth/.safetensors) or a torchvision "
+            "weights name (DEFAULT, IMAGENET1K_V2, ...) from the torch hub cache."
         ),
     ] = None,
     input_size: InputSize = None,

@@ -117,7 +117,7 @@ class TrainSettings:
     importance_power: float = 1.0
     calibrate: str = "auto"
     gate_epochs: int | None = None
-    weights: Path | None = None
+    weights: str | Path | None = None  # a state dict file or a torchvision weights name
     input_size: int | None = None
     num_classes: int | None = None
     workers: int = 0
@@ -272,7 +272,7 @@ class _Run:
     device: torch.device
 
 
-def _prepare(s: TrainSettings) -> _Run:
+def _prepare(s: TrainSettings, log: Callable[[str], None] = print) -> _Run:
     """Validate every input before anything is written (GatorError on the first problem)."""
     s.check()
     check_parallel(s.batch_size, s.subdivision, s.device, world_size())
@@ -299,7 +299,8 @@ def _prepare(s: TrainSettings) -> _Run:
             "drop --num-classes or use matching data"
         )
     net = load_network(
-        s.model, input_size=size, num_classes=data.num_classes, weights=s.weights, seed=s.seed
+        s.model, input_size=size, num_classes=data.num_classes, weights=s.weights, seed=s.seed,
+        log=log,
     )
     if net.num_classes != data.num_classes:
         raise GatorError(
@@ -747,7 +748,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
     GatorError
         For any invalid input, before anything is written.
     """
-    run = _prepare(settings)
+    run = _prepare(settings, log)
     torch.manual_seed(settings.seed + run.dist.rank)  # gate noise differs per rank
     tr = _Trainer(run, log if run.dist.main else (lambda _m: None))
     if run.dist.main:
