@@ -584,3 +584,21 @@ def test_cuda_profile_records_regime_check(tiny, tmp_path):
     result = run(req, tmp_path / "gpu.csv", progress=False)
     check = result.metadata["regime_check"]
     assert check["graph_ms"] > 0 and check["eager_ms"] > 0 and result.metadata["cuda_graphs"]
+
+
+def test_cuda_failures_map_to_one_line_errors_with_the_fix():
+    from gator_hw.profile.timing import cuda_error
+
+    spec = TimingSpec(model="resnet50", batch=512, input_size=224, device="cuda:0",
+                      device_name="NVIDIA H200", regime="cuda-graph")
+    oom = cuda_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                     spec, graph=True)
+    assert isinstance(oom, GatorError) and "smaller --batch-size" in str(oom)
+    assert "batch 512" in str(oom) and "\n" not in str(oom)
+    cap = cuda_error(RuntimeError("operation not permitted when stream is capturing\nmore"),
+                     spec, graph=True)
+    assert isinstance(cap, GatorError) and "--eager" in str(cap) and "\n" not in str(cap)
+    # eager timing has no capture; a plain bug stays a bug
+    assert cuda_error(RuntimeError("operation not permitted when stream is capturing"),
+                      spec, graph=False) is None
+    assert cuda_error(RuntimeError("index out of range"), spec, graph=True) is None

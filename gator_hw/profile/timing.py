@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gator_hw.errors import GatorError
 from gator_hw.profile.device import cpu_name, device_info, device_slug
 from gator_hw.profile.spec import DTYPES, REGIMES, TimingSpec, make_spec, resolve_device
 
@@ -278,7 +279,52 @@ def _time_cpu_interleaved(
     return times, ref, calls[0]
 
 
+#: Seconds of replays after capture, before timing: the GPU idled during the cell's CPU work
+#: (slimming, copying, capture) and its clocks must ramp back up.
+CUDA_WARM_S = 0.25
+
+
+def cuda_error(exc: BaseException, spec: TimingSpec, *, graph: bool) -> GatorError | None:
+    """The one-line error for a CUDA failure while timing (out of memory, a failed graph
+    capture), naming the fix; ``None`` for anything else (a bug: let it propagate)."""
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in first.lower():
+        return GatorError(
+            f"out of GPU memory timing {spec.model} at batch {spec.batch} ({spec.input_size} "
+            f"px, {spec.dtype}); use a smaller --batch-size"
+        )
+    if graph and isinstance(exc, RuntimeError) and any(
+            w in first.lower() for w in ("captur", "graph", "not permitted")):
+        return GatorError(
+            f"CUDA-graph capture of {spec.model} failed ({first}): its forward synchronises "
+            "with the host or changes shape between calls; time it with --eager"
+        )
+    return None
+
+
 def _time_cuda(
+    model: nn.Module, x: torch.Tensor, spec: TimingSpec, *, graph: bool
+) -> tuple[list[float], int]:
+    try:
+        return _time_cuda_unchecked(model, x, spec, graph=graph)
+    except RuntimeError as exc:  # OutOfMemoryError is one too
+        mapped = cuda_error(exc, spec, graph=graph)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def _warm_for(call: Callable[[], object], seconds: float) -> None:
+    """Run ``call`` in growing batches until ``seconds`` of wall time have passed."""
+    end, n = time.perf_counter() + seconds, 1
+    while time.perf_counter() < end:
+        for _ in range(n):
+            call()
+        torch.cuda.synchronize()
+        n = min(2 * n, 1024)
+
+
+def _time_cuda_unchecked(
     model: nn.Module, x: torch.Tensor, spec: TimingSpec, *, graph: bool
 ) -> tuple[list[float], int]:
     device = spec.torch_device
@@ -312,6 +358,7 @@ def _time_cuda(
             return start, end
 
         call()  # first replay / call after capture is not timed
+        _warm_for(call, CUDA_WARM_S)
         start, end = timed(3)
         end.synchronize()
         per_call_s = start.elapsed_time(end) / 3 / 1e3
