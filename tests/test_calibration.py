@@ -17,7 +17,7 @@ from gator_hw.loss import CostCriterion
 from gator_hw.network import load_network
 from gator_hw.profile.timing import cpu_name
 from gator_hw.train import TrainSettings, train
-from gator_hw.train import loop as train_loop
+from gator_hw.train import calibration as train_calibration
 from gator_hw.train.calibration import calibration_spec, correction, measure_kept
 from tests.conftest import cached_network, one_line_error
 from tests.synthetic import write_synthetic_table
@@ -144,7 +144,7 @@ def test_a_latency_run_lands_where_the_measurement_says(latency_config, tmp_path
         m = next(factors) * crit.fraction("latency", gates.kept_widths())
         return m, (m * 0.99, m * 1.01)
 
-    monkeypatch.setattr(train_loop, "measure_kept", fake_measure)
+    monkeypatch.setattr(train_calibration, "measure_kept", fake_measure)
     s = TrainSettings("resnet18", config=latency_config, data="fake", out=tmp_path / "run",
                       epochs=3, batch_size=64, lr=0.02, target="latency=0.6", input_size=32,
                       device="cpu", budget_at=0.5, hold_epochs=1.0)  # fmt: skip
@@ -172,7 +172,7 @@ def test_a_measurement_far_from_the_prediction_is_reported_not_followed(
     def far(model, graph, gates, spec, rounds=3):
         return 0.2, (0.19, 0.21)  # nothing like what any cost model of this net predicts
 
-    monkeypatch.setattr(train_loop, "measure_kept", far)
+    monkeypatch.setattr(train_calibration, "measure_kept", far)
     s = TrainSettings("resnet18", config=latency_config, data="fake", out=tmp_path / "auto",
                       epochs=2, batch_size=64, lr=0.02, target="latency=0.6", input_size=32,
                       device="cpu", budget_at=0.5, hold_epochs=0.5)  # fmt: skip

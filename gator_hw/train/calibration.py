@@ -17,6 +17,7 @@ channels to the new ceiling (:func:`~gator_hw.budget.enforce_ceiling`,
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -28,8 +29,8 @@ from gator_hw.gates import GateSet
 from gator_hw.graph import HyperGraph
 from gator_hw.profile.timing import TimingSpec, make_spec
 
-__all__ = ["CALIBRATE_MODES", "MAX_CORRECTION", "CalibrationPoint", "calibration_spec",
-           "correction", "measure_kept"]
+__all__ = ["CALIBRATE_MODES", "CALIBRATION_ROUNDS", "MAX_CORRECTION", "CalibrationPoint",
+           "Calibrator", "calibration_spec", "correction", "measure_kept"]
 
 #: ``--calibrate`` values: auto (where the device matches the table's), on (or an error), off.
 CALIBRATE_MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -141,3 +142,79 @@ def correction(predicted: float, measured: float) -> float:
             "(or it was busy); profile it again here, or pass --calibrate off"
         )
     return scale
+
+
+#: Paired rounds of each measurement of the kept network.
+CALIBRATION_ROUNDS = 5
+
+
+class Calibrator:
+    """The measurements of one run: when they happen, how they are taken (rank 0 times,
+    every rank gets the figure) and the correction they pool to.
+
+    Parameters
+    ----------
+    spec, note : from :func:`calibration_spec` (``spec`` None: measurements are off, ``note``
+        says why).
+    mode : ``--calibrate`` (``on`` turns a refused measurement into an error).
+    schedule : the budget's schedule (measured at ``reach_step`` and half-way to
+        ``freeze_step``), or None.
+    """
+
+    def __init__(self, spec: TimingSpec | None, note: str, mode: str,
+                 schedule=None, *, main: bool = True, distributed: bool = False) -> None:
+        self.spec, self.note, self.mode = spec, note, mode
+        self.main, self.distributed = main, distributed
+        self.points: list[CalibrationPoint] = []
+        self.steps: set[int] = set()
+        if spec is not None and schedule is not None and schedule.freeze_step > schedule.reach_step:
+            r, f = schedule.reach_step, schedule.freeze_step
+            self.steps = {r, r + (f - r) // 2}
+
+    @property
+    def on(self) -> bool:
+        return self.spec is not None
+
+    def due(self, step: int) -> bool:
+        return step in self.steps
+
+    def measure(self, model: nn.Module, graph: HyperGraph, gates: GateSet,
+                device: torch.device) -> tuple[float, tuple[float, float]]:
+        """Measured latency ratio of the kept network and its range (collective under DDP)."""
+        vals = torch.zeros(3, dtype=torch.float64, device=device)
+        if self.main:
+            m, (lo, hi) = measure_kept(model, graph, gates, self.spec, rounds=CALIBRATION_ROUNDS)
+            vals = torch.tensor([m, lo, hi], dtype=torch.float64, device=device)
+        if self.distributed:
+            torch.distributed.broadcast(vals, 0)
+        m, lo, hi = vals.tolist()
+        return m, (lo, hi)
+
+    def record(self, step: int, predicted: float, measured: float,
+               spread: tuple[float, float], current_scale: float) -> tuple[CalibrationPoint, str]:
+        """Add a measurement; return it (``accepted`` False when refused) and why if refused.
+
+        The correction pools every accepted measurement so far (geometric mean of predicted /
+        measured): one measurement on a busy host is a few per cent off, and following it alone
+        would move the ceiling by its noise.
+        """
+        try:
+            correction(predicted, measured)  # refuses a measurement far off the model
+        except GatorError as exc:
+            if self.mode == "on":
+                raise
+            point = CalibrationPoint(step, predicted, measured, spread, current_scale, False)
+            self.points.append(point)
+            return point, str(exc)
+        ratios = [c.predicted / c.measured for c in self.points if c.accepted]
+        ratios.append(predicted / measured)
+        scale = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        point = CalibrationPoint(step, predicted, measured, spread, scale)
+        self.points.append(point)
+        return point, ""
+
+    def state(self) -> list[dict]:
+        return [c.to_dict() for c in self.points]
+
+    def load(self, state: list[dict]) -> None:
+        self.points = [CalibrationPoint(**{**c, "spread": tuple(c["spread"])}) for c in state]

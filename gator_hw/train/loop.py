@@ -38,13 +38,7 @@ from gator_hw.gates import GateSet
 from gator_hw.graph.cuts import min_keep_counts
 from gator_hw.loss import COST_SOURCES, CostCriterion, gate_param_groups, refresh_gate_groups
 from gator_hw.network import Network, load_network
-from gator_hw.train.calibration import (
-    CALIBRATE_MODES,
-    CalibrationPoint,
-    calibration_spec,
-    correction,
-    measure_kept,
-)
+from gator_hw.train.calibration import CALIBRATE_MODES, Calibrator, calibration_spec
 from gator_hw.train.checkpoint import (
     Checkpoint,
     check_signature,
@@ -81,9 +75,6 @@ SCHEDULES: tuple[str, ...] = ("cosine", "step")
 
 #: Training batches that re-estimate batch-norm statistics for the deterministic gates.
 NORM_BATCHES = 16
-
-#: Paired rounds of each measurement of the kept network (``--calibrate``).
-CALIBRATION_ROUNDS = 5
 
 #: Files whose presence marks a folder as holding a run (never overwritten without --resume).
 _RUN_FILES = ("log.csv", "last.json")
@@ -361,8 +352,7 @@ class _Trainer:
         self.train_loader, self.val_loader, self.sampler = _loaders(run)
         self.steps_per_epoch = len(self.train_loader)
         self.budget = self._budget()
-        self.timing, self.timing_note = self._timing_spec()
-        self.calibrations: list[CalibrationPoint] = []
+        self.calibrator = self._calibrator()
         self.lam = run.config.criteria_weight
         self.optimizer = self._optimizer()
         if self.budget is not None:
@@ -393,61 +383,32 @@ class _Trainer:
                       gamma=run.config.gradient_multiplier, momentum=s.momentum,
                       importance_power=s.importance_power)
 
-    def _timing_spec(self):
-        """Timing protocol for measuring the kept network (:mod:`.calibration`), and why not."""
-        mode, b = self.s.calibrate, self.budget
+    def _calibrator(self) -> Calibrator:
+        """Measurements of the kept network (:mod:`.calibration`), or why there are none."""
+        mode, b, d = self.s.calibrate, self.budget, self.run.dist
         if b is None or b.metric != "latency" or self.criterion.latency is None:
             if mode == "on":
                 raise GatorError("--calibrate on needs --target latency=F and a config with a "
                                  "cost model (make-config from a latency table)")
-            return None, "off (no latency budget from a cost model)"
-        return calibration_spec(self.run.config.cost_model, self.device, mode)
-
-    def _calibration_steps(self) -> set[int]:
-        """When the schedule reaches the budget, and half-way through the hold."""
-        if self.timing is None or self.budget is None:
-            return set()
-        sc = self.budget.schedule
-        if sc.freeze_step <= sc.reach_step:
-            return set()
-        return {sc.reach_step, sc.reach_step + (sc.freeze_step - sc.reach_step) // 2}
+            return Calibrator(None, "off (no latency budget from a cost model)", mode)
+        spec, note = calibration_spec(self.run.config.cost_model, self.device, mode)
+        return Calibrator(spec, note, mode, b.schedule, main=d.main, distributed=d.enabled)
 
     def measure(self) -> tuple[float, tuple[float, float]]:
-        """Measured latency ratio of the kept network and its range (rank 0 times it)."""
-        vals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        if self.run.dist.main:
-            m, (lo, hi) = measure_kept(self.model, self.run.net.graph, self.gates, self.timing,
-                                       rounds=CALIBRATION_ROUNDS)
-            vals = torch.tensor([m, lo, hi], dtype=torch.float64, device=self.device)
-        if self.run.dist.enabled:
-            dist.broadcast(vals, 0)
-        m, lo, hi = vals.tolist()
-        return m, (lo, hi)
+        """Measured latency ratio of the kept network and its range."""
+        return self.calibrator.measure(self.model, self.run.net.graph, self.gates, self.device)
 
     def _calibrate(self) -> None:
-        kept = self.gates.kept_widths()
-        predicted = self.criterion.fraction("latency", kept)
+        predicted = self.criterion.fraction("latency", self.gates.kept_widths())
         measured, spread = self.measure()
-        try:
-            correction(predicted, measured)  # refuses a measurement far off the model
-            # pooled over every measurement so far (geometric mean of predicted / measured):
-            # one measurement on a busy host is a few per cent off, and chasing it would move
-            # the ceiling by its noise
-            ratios = [c.predicted / c.measured for c in self.calibrations if c.accepted]
-            ratios.append(predicted / measured)
-            scale = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-        except GatorError as exc:
-            if self.s.calibrate == "on":
-                raise
-            point = CalibrationPoint(self.step, predicted, measured, spread,
-                                     self.budget.schedule.scale, accepted=False)
-            self.calibrations.append(point)
-            self.log(f"epoch {self.epoch + 1} step {self.step}: {exc}; the ceiling stays")
+        point, refused = self.calibrator.record(self.step, predicted, measured, spread,
+                                                self.budget.schedule.scale)
+        where = f"epoch {self.epoch + 1} step {self.step}"
+        if refused:
+            self.log(f"{where}: {refused}; the ceiling stays")
             return
-        opened = self.budget.rescale(scale, self.gates, self.optimizer)
-        point = CalibrationPoint(self.step, predicted, measured, spread, scale)
-        self.calibrations.append(point)
-        self.log(f"epoch {self.epoch + 1} step {self.step}: {point}; re-opened {opened} ch")
+        opened = self.budget.rescale(point.scale, self.gates, self.optimizer)
+        self.log(f"{where}: {point}; re-opened {opened} ch")
 
     def _weights(self) -> torch.Tensor:
         return self.criterion.edge_weights(self.gates.kept_widths())
@@ -508,7 +469,7 @@ class _Trainer:
             "step": self.step,
             "lam": self.lam,
             "controller": self.budget.state_dict() if self.budget else None,
-            "calibrations": [c.to_dict() for c in self.calibrations],
+            "calibrations": self.calibrator.state(),
             "scaler": self.scaler.state_dict() if self.scaling else None,
             "signature": model_signature(self.run.net.graph),
             "num_classes": self.run.net.num_classes,
@@ -547,10 +508,7 @@ class _Trainer:
         self.epoch, self.step, self.lam = int(m["epoch"]), int(m["step"]), float(m["lam"])
         if self.budget is not None and m.get("controller"):
             self.budget.load_state_dict(m["controller"])
-        self.calibrations = [
-            CalibrationPoint(**{**c, "spread": tuple(c["spread"])})
-            for c in m.get("calibrations", [])
-        ]
+        self.calibrator.load(m.get("calibrations", []))
         if self.scaling and m.get("scaler"):
             self.scaler.load_state_dict(m["scaler"])
         rank, t = self.run.dist.rank, ckpt.tensors
@@ -587,7 +545,7 @@ class _Trainer:
             lr = learning_rate(self.s, self.step, self.steps_per_epoch)
             self.lam = self.budget.step(self.step, self.gates, lr=lr,
                                         optimizer=self.optimizer).lam
-            if self.step in self._calibration_steps():
+            if self.calibrator.due(self.step):
                 self._calibrate()
         refresh_gate_groups(
             self.optimizer.param_groups,
@@ -681,7 +639,7 @@ class _Trainer:
         tgt = self.run.target
         met = tgt is not None and fr.get(tgt.metric, 1.0) <= self.bound + 1e-9
         gates = "frozen" if self.gates.frozen else "training"
-        last = self.calibrations[-1] if self.calibrations else None
+        last = self.calibrator.points[-1] if self.calibrator.points else None
         measured = last.measured if last is not None and last.step > (
             self.epoch - 1) * self.steps_per_epoch else None
         b = self.budget
@@ -758,7 +716,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
     if settings.amp and not tr.amp:
         tr.log("--amp needs CUDA; training in float32")
     tr.log(f"{run.net} | {run.data} | {run.criterion} | budget {tr.budget or 'none'}"
-           + (f" | measured latency: {tr.timing_note}" if tr.budget is not None else ""))
+           + (f" | measured latency: {tr.calibrator.note}" if tr.budget is not None else ""))
     rows = []
     while tr.epoch < settings.epochs:
         t0 = time.perf_counter()
@@ -780,7 +738,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
     fr = run.criterion.fractions(torch.tensor(kept, dtype=torch.float64))
     met = None if run.target is None else fr[run.target.metric] <= tr.bound + 1e-9
     final = None
-    if tr.timing is not None and tr.calibrations:
+    if tr.calibrator.on and tr.calibrator.points:
         m, spread = tr.measure()
         final = {"measured": m, "spread": list(spread), "predicted": fr["latency"]}
         tr.log(f"the kept network measures {m:.3f} of the full net's latency (rounds "
@@ -820,6 +778,6 @@ def _plan(tr: _Trainer, fr: dict[str, float], met: bool | None,
         "kept_channels": tr.gates.kept_channels(),
         "fractions": fr,
         "budget_met": met,
-        "calibrations": [c.to_dict() for c in tr.calibrations],
+        "calibrations": tr.calibrator.state(),
         "measured_latency": final,
     }
