@@ -164,6 +164,43 @@ def test_bad_input_size_gives_one_line() -> None:
     assert "--input-size" in str(exc.value) and "\n" not in str(exc.value)
 
 
+_BOOM: list[BaseException] = []
+
+
+def _boom(x: torch.Tensor) -> torch.Tensor:
+    """A traced leaf that fails when run (what a model's own forward may do)."""
+    raise _BOOM[0]
+
+
+torch.fx.wrap("_boom")
+
+
+class _Fails(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _boom(self.c(x))
+
+
+@pytest.mark.parametrize("raise_, words, not_words", [
+    (MemoryError("cannot allocate 40 GB"), ["ran out of memory", "CPU"], ["--input-size"]),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), ["ran out of memory"],
+     ["--input-size"]),
+    (KeyError("weights"), ["forward raised KeyError", "fix the model"], ["--input-size"]),
+    (RuntimeError("Given groups=1, weight of size [8, 3, 3, 3], expected input[1, 4, 8, 8]"),
+     ["--input-size"], ["memory"]),
+])
+def test_a_model_that_fails_on_its_input_says_why(raise_, words, not_words) -> None:
+    _BOOM[:] = [raise_]
+    with pytest.raises(GatorError) as exc:
+        build_hypergraph(_Fails(), (1, 3, 8, 8), "fails")
+    msg = str(exc.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert not any(w in msg for w in not_words), msg
+
+
 def test_edge_lookup_and_plan_errors() -> None:
     g = cached_network("resnet18").graph
     assert g.edge(g.edges[3].name) is g.edges[3]

@@ -35,14 +35,31 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
             with torch.no_grad():
                 ShapeProp(gm).propagate(example)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GatorError(
-                f"{name} does not run on an input of shape {tuple(input_shape)} ({msg[:200]}); "
-                "pass an --input-size the model accepts"
-            ) from exc
+            raise _run_error(exc, name, tuple(input_shape)) from exc
     finally:
         model.train(was_training)
     return gm
+
+
+#: Words of torch's messages for an input the layers cannot take (the shape is the fix).
+_SHAPE_WORDS = ("size", "shape", "dimension", "mat1", "kernel", "expected input", "must match",
+                "output size", "too small")
+
+
+def _run_error(exc: Exception, name: str, shape: tuple[int, ...]) -> GatorError:
+    """The one-line error for a model that fails on zeros of ``shape``: out of memory, an input
+    its layers cannot take (pass another --input-size), or anything else (its own forward)."""
+    while exc.__cause__ is not None and "ShapeProp error" in str(exc):  # fx wraps the real one
+        exc = exc.__cause__
+    msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError) or "out of memory" in msg.lower():
+        return GatorError(f"{name} ran out of memory on one input of shape {shape} ({msg}); "
+                          "free memory or trace it on the CPU")
+    if isinstance(exc, RuntimeError | ValueError) and any(w in msg.lower() for w in _SHAPE_WORDS):
+        return GatorError(f"{name} does not run on an input of shape {shape} ({msg}); pass an "
+                          "--input-size the model accepts")
+    return GatorError(f"{name}'s forward raised {type(exc).__name__} on an input of shape "
+                      f"{shape} ({msg}); fix the model (it fails outside gator-hw too)")
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
