@@ -3,7 +3,7 @@
 One run lives in one folder::
 
     run/log.csv            one row per epoch (accuracy, loss terms, lambda, predicted costs)
-    run/last.{json,safetensors}        resumable checkpoint (every epoch)
+    run/last.{json,safetensors}        resumable checkpoint (every epoch; gator_hw.train.state)
     run/epoch_NNN.{json,safetensors}   every ``save_interval`` epochs
     run/plan.json          edge -> kept channel indices (for gator_hw.slim), at the end
 
@@ -44,7 +44,6 @@ from gator_hw.train.checkpoint import (
     check_signature,
     load_checkpoint,
     model_signature,
-    save_checkpoint,
 )
 from gator_hw.train.data import Datasets, load_data
 from gator_hw.train.distributed import (
@@ -56,6 +55,8 @@ from gator_hw.train.distributed import (
     world_size,
 )
 from gator_hw.train.norms import recalibrate_norms, recalibrated_norms
+from gator_hw.train.state import restore
+from gator_hw.train.state import save as save_state
 
 __all__ = [
     "SCHEDULES",
@@ -365,7 +366,7 @@ class _Trainer:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
         self.epoch, self.step = 0, 0
         if run.checkpoint is not None:
-            self._restore(run.checkpoint)
+            restore(self, run.checkpoint)
         self._moves = (self.budget.closed, self.budget.reopened) if self.budget else (0, 0)
         self.ddp = self._wrap()
 
@@ -436,89 +437,9 @@ class _Trainer:
     def gates_training(self) -> bool:
         return not self.gates.frozen
 
-    # -- checkpoints
-    def _rng_states(self) -> dict[str, torch.Tensor]:
-        """Every rank's RNG state (``rng.cpu.R``, ``rng.cuda.R``): each rank draws its own gate
-        noise, so a resume must give each its own state back. Collective under DDP."""
-        mine = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            mine["cuda"] = torch.cuda.get_rng_state(self.device)
-        every = [mine]
-        if self.run.dist.enabled:
-            every = [None] * self.run.dist.world
-            dist.all_gather_object(every, mine)
-        t = {f"rng.{k}.{r}": v for r, st in enumerate(every) for k, v in st.items()}
-        t.update({f"rng.{k}": v for k, v in mine.items()})  # rank 0's, for older readers
-        return t
-
-    def _tensors(self, rng: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        t.update({f"gates.{k}": v for k, v in self.gates.state_dict().items()})
-        for idx, st in self.optimizer.state_dict()["state"].items():
-            t.update({f"optim.{idx}.{k}": v for k, v in st.items() if torch.is_tensor(v)})
-        t.update(rng)
-        return t
-
-    def _meta(self) -> dict[str, Any]:
-        groups = [
-            {k: v for k, v in g.items() if k != "params"}
-            for g in self.optimizer.state_dict()["param_groups"]
-        ]
-        return {
-            "epoch": self.epoch,
-            "step": self.step,
-            "lam": self.lam,
-            "controller": self.budget.state_dict() if self.budget else None,
-            "calibrations": self.calibrator.state(),
-            "scaler": self.scaler.state_dict() if self.scaling else None,
-            "signature": model_signature(self.run.net.graph),
-            "num_classes": self.run.net.num_classes,
-            "settings": {
-                k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.s).items()
-            },
-            "config": self.run.config.to_dict(),
-            "optimizer_groups": groups,
-            "torch": torch.__version__,
-        }
-
+    # -- checkpoints (gator_hw.train.state)
     def save(self, name: str) -> None:
-        rng = self._rng_states()  # every rank takes part
-        if self.run.dist.main:
-            save_checkpoint(self.run.out / name, self._tensors(rng), self._meta())
-
-    def _restore(self, ckpt: Checkpoint) -> None:
-        try:
-            self.model.load_state_dict(ckpt.prefixed("model"))
-            self.gates.load_state_dict(ckpt.prefixed("gates"))
-        except RuntimeError as exc:
-            raise GatorError(f"checkpoint {ckpt.path} does not fit: {str(exc)[:200]}") from None
-        self.gates.to(self.device)
-        if self.gates.frozen:
-            self.gates.freeze()
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in ckpt.prefixed("optim").items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = v.to(self.device)
-        groups = self.optimizer.state_dict()["param_groups"]
-        saved = ckpt.meta["optimizer_groups"]
-        for g, sg in zip(groups, saved, strict=True):
-            g.update({k: v for k, v in sg.items() if k != "params"})
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        m = ckpt.meta
-        self.epoch, self.step, self.lam = int(m["epoch"]), int(m["step"]), float(m["lam"])
-        if self.budget is not None and m.get("controller"):
-            self.budget.load_state_dict(m["controller"])
-        self.calibrator.load(m.get("calibrations", []))
-        if self.scaling and m.get("scaler"):
-            self.scaler.load_state_dict(m["scaler"])
-        rank, t = self.run.dist.rank, ckpt.tensors
-        if f"rng.cpu.{rank}" in t:
-            torch.set_rng_state(t[f"rng.cpu.{rank}"])
-        elif rank == 0:  # a checkpoint of another world size (or an older one): rank 0's
-            torch.set_rng_state(t["rng.cpu"])
-        cuda = t.get(f"rng.cuda.{rank}", t.get("rng.cuda") if rank == 0 else None)
-        if self.device.type == "cuda" and cuda is not None:
-            torch.cuda.set_rng_state(cuda, self.device)
+        save_state(self, name)
 
     # -- one epoch
     def _set_lr(self) -> float:
