@@ -6,8 +6,8 @@ the run trains on the device the latency table was profiled on, the trainer conv
 network the gates keep (as ``convert`` will), times it against the full one with the
 profiler's protocol (``bench``'s paired rounds) and moves the predicted ceiling so that the
 *measured* ratio meets the target: ``ceiling = target * predicted / measured``, the ratio
-pooled over the measurements so far (a geometric mean: one measurement on a busy host is a
-few per cent off). It does so when
+pooled over the measurements so far (a geometric mean weighted by how close each measured net
+was to the current one: one measurement on a busy host is a few per cent off). It does so when
 the schedule first reaches the budget and again half-way through the hold (the second
 measurement sees the network the first correction made); the gates then close or re-open
 channels to the new ceiling (:func:`~gator_hw.budget.enforce_ceiling`,
@@ -147,6 +147,9 @@ def correction(predicted: float, measured: float) -> float:
 #: Paired rounds of each measurement of the kept network.
 CALIBRATION_ROUNDS = 5
 
+#: Measurements pool with weight ``exp(-|log(predicted_i / predicted_now)| / POOL_SCALE)``.
+POOL_SCALE = 0.05
+
 
 class Calibrator:
     """The measurements of one run: when they happen, how they are taken (rank 0 times,
@@ -194,9 +197,10 @@ class Calibrator:
                spread: tuple[float, float], current_scale: float) -> tuple[CalibrationPoint, str]:
         """Add a measurement; return it (``accepted`` False when refused) and why if refused.
 
-        The correction pools every accepted measurement so far (geometric mean of predicted /
-        measured): one measurement on a busy host is a few per cent off, and following it alone
-        would move the ceiling by its noise.
+        The correction pools the accepted measurements so far (a weighted geometric mean of
+        predicted / measured): one measurement on a busy host is a few per cent off, and
+        following it alone would move the ceiling by its noise; measurements of nets whose
+        predicted cost is far from this one's count for little (:data:`POOL_SCALE`).
         """
         try:
             correction(predicted, measured)  # refuses a measurement far off the model
@@ -206,9 +210,13 @@ class Calibrator:
             point = CalibrationPoint(step, predicted, measured, spread, current_scale, False)
             self.points.append(point)
             return point, str(exc)
-        ratios = [c.predicted / c.measured for c in self.points if c.accepted]
-        ratios.append(predicted / measured)
-        scale = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        pts = [(c.predicted, c.measured) for c in self.points if c.accepted]
+        pts.append((predicted, measured))
+        # weighted by how close each measured net was to this one: the model's error depends
+        # on the structure, so one taken on a much narrower net says little about this one
+        w = [math.exp(-abs(math.log(p / predicted)) / POOL_SCALE) for p, _ in pts]
+        scale = math.exp(sum(wi * math.log(p / m) for wi, (p, m) in zip(w, pts, strict=True))
+                         / sum(w))
         point = CalibrationPoint(step, predicted, measured, spread, scale)
         self.points.append(point)
         return point, ""
