@@ -254,10 +254,7 @@ def _units(
     for e, g in enumerate(open_sets):
         idx = torch.nonzero(g > 0).flatten()
         theta = gates.logits[e].detach()[idx].to(torch.float64).cpu()
-        every = gates.edge_importance(e).to(torch.float64).cpu()
-        imp = every[idx.cpu()]
-        if float(every.mean()) > 0:  # layer-wise normalisation over the edge's channels
-            imp = imp / every.mean()
+        imp = _normalised_importance(gates, e)[idx.cpu()]
         imp = imp.clamp_min(0) ** power if power != 1.0 else imp
         srt = torch.argsort(theta, stable=True)
         srt = srt[torch.argsort(imp[srt], stable=True)]
@@ -289,6 +286,24 @@ def _units(
     perm = torch.argsort(torch.cat(ties), stable=True)
     perm = perm[torch.argsort(torch.cat(scores)[perm], stable=True)]
     return _Units(torch.cat(edges)[perm], torch.cat(sizes)[perm], order, torch.cat(starts)[perm])
+
+
+def _normalised_importance(gates: GateSet, edge: int) -> torch.Tensor:
+    """``edge``'s channel importances over their mean (layer-wise normalisation, pruned
+    channels included), float64 on the CPU; as they are while all are zero."""
+    every = gates.edge_importance(edge).to(torch.float64).cpu()
+    mean = float(every.mean())
+    return every / mean if mean > 0 else every
+
+
+def _reopen(gates: GateSet, edge: int, idx: torch.Tensor | list[int],
+            optimizer: torch.optim.Optimizer | None) -> None:
+    """Open channels ``idx`` of ``edge`` again: mask on, logit ``REOPEN_LOGIT``, momentum 0."""
+    gates.mask(edge)[idx] = True
+    gates.logits[edge][idx] = REOPEN_LOGIT
+    buf = optimizer.state.get(gates.logits[edge], {}).get("momentum_buffer") if optimizer else None
+    if buf is not None:
+        buf[idx] = 0.0
 
 
 def _after_closing(kept: torch.Tensor, units: _Units, k: int) -> torch.Tensor:
@@ -454,10 +469,7 @@ def limit_overshoot(
     bad = torch.nonzero(fr > ceiling + 1e-12).flatten()
     k = int(bad[0]) - 1 if len(bad) else len(cands)
     for _, e, i in cands[:k]:
-        gates.logits[e][i] = REOPEN_LOGIT
-        buf = optimizer.state.get(gates.logits[e], {}).get("momentum_buffer") if optimizer else None
-        if buf is not None:
-            buf[i] = 0.0
+        _reopen(gates, e, [i], optimizer)  # a live channel: its mask is on already
     return k
 
 
@@ -488,17 +500,17 @@ def give_back(
         idx = torch.nonzero(g == 0).flatten()
         if not len(idx):
             continue
-        every = gates.edge_importance(e).to(torch.float64).cpu()
-        imp = every[idx.cpu()] / (float(every.mean()) if float(every.mean()) > 0 else 1.0)
+        imp = _normalised_importance(gates, e)[idx.cpu()]
         srt = torch.argsort(imp, descending=True, stable=True)
         pool[e], value[e] = idx[srt], imp[srt]
     opened = 0
     while pool:
         cands = [(e, min(block, len(idx))) for e, idx in pool.items()]
-        probes = torch.stack([kept + torch.nn.functional.one_hot(
-            torch.tensor(e), len(kept)).to(kept) * n for e, n in cands])
-        base = criterion.fraction(metric, kept)
-        fr = criterion.fraction_batch(metric, probes).tolist()
+        probes = [kept]
+        for e, n in cands:
+            probes.append(kept.clone())
+            probes[-1][e] += n
+        base, *fr = criterion.fraction_batch(metric, torch.stack(probes)).tolist()
         best, pick = -1.0, None
         for (e, n), f in zip(cands, fr, strict=True):
             if f > ceiling + 1e-12:
@@ -509,12 +521,7 @@ def give_back(
         if pick is None:
             break
         e, n = pick
-        chans = pool[e][:n]
-        gates.mask(e)[chans] = True
-        gates.logits[e][chans] = REOPEN_LOGIT
-        buf = optimizer.state.get(gates.logits[e], {}).get("momentum_buffer") if optimizer else None
-        if buf is not None:
-            buf[chans] = 0.0
+        _reopen(gates, e, pool[e][:n], optimizer)
         kept[e] += n
         opened += n
         pool[e], value[e] = pool[e][n:], value[e][n:]
