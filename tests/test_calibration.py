@@ -132,6 +132,13 @@ def test_measure_kept_times_the_converted_network_and_leaves_the_model_alone(
     torch.testing.assert_close(before, after)
 
 
+def _latency_run(config, out, *, epochs: int, hold_epochs: float) -> TrainSettings:
+    """A short ResNet-18 run on fake data to ``latency=0.6``, half the epochs to reach it."""
+    return TrainSettings("resnet18", config=config, data="fake", out=out, epochs=epochs,
+                         batch_size=64, lr=0.02, target="latency=0.6", input_size=32,
+                         device="cpu", budget_at=0.5, hold_epochs=hold_epochs)
+
+
 def test_a_latency_run_lands_where_the_measurement_says(latency_config, tmp_path,
                                                         monkeypatch) -> None:
     """The device measures 10 % under the cost model: the run keeps more, so that the
@@ -145,9 +152,7 @@ def test_a_latency_run_lands_where_the_measurement_says(latency_config, tmp_path
         return m, (m * 0.99, m * 1.01)
 
     monkeypatch.setattr(train_calibration, "measure_kept", fake_measure)
-    s = TrainSettings("resnet18", config=latency_config, data="fake", out=tmp_path / "run",
-                      epochs=3, batch_size=64, lr=0.02, target="latency=0.6", input_size=32,
-                      device="cpu", budget_at=0.5, hold_epochs=1.0)  # fmt: skip
+    s = _latency_run(latency_config, tmp_path / "run", epochs=3, hold_epochs=1.0)
     lines: list[str] = []
     res = train(s, log=lines.append)
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
@@ -181,9 +186,7 @@ def test_a_measurement_far_from_the_prediction_is_reported_not_followed(
         return 0.2, (0.19, 0.21)  # nothing like what any cost model of this net predicts
 
     monkeypatch.setattr(train_calibration, "measure_kept", far)
-    s = TrainSettings("resnet18", config=latency_config, data="fake", out=tmp_path / "auto",
-                      epochs=2, batch_size=64, lr=0.02, target="latency=0.6", input_size=32,
-                      device="cpu", budget_at=0.5, hold_epochs=0.5)  # fmt: skip
+    s = _latency_run(latency_config, tmp_path / "auto", epochs=2, hold_epochs=0.5)
     lines: list[str] = []
     res = train(s, log=lines.append)
     assert res.budget_met and res.fractions["latency"] <= 0.6 + 1e-9
