@@ -3,7 +3,9 @@
 Counting conventions (per sample, i.e. batch 1, unless ``batch`` is given):
 
 * FLOPs are ``2 x MAC`` of conv and linear layers, as ``torch.utils.flop_counter`` counts them;
-  biases, batch norm, activations, pooling and additions are not counted.
+  biases, batch norm, activations, pooling and additions are not counted. What
+  ``FlopCounterMode`` counts in ops without a channel rule (matmuls of attention, functional or
+  transposed convs) is the graph's ``fixed_flops``, part of every network total.
 * Parameters are the learnable weights and biases of conv, linear and batch-norm layers
   (running statistics are buffers, not parameters).
 * Bytes are the memory traffic of conv, linear and batch-norm layers: input activations read,
@@ -103,7 +105,7 @@ def network_cost(
 ) -> Cost:
     """Total cost of the network with edge ``gid`` at ``widths[gid]`` channels (default: full)."""
     widths = widths or {}
-    total = Cost(0.0, 0.0, 0.0)
+    total = Cost(graph.fixed_flops * batch, 0.0, 0.0)
     seen: set[str] = set()
     for call in graph.calls:
         c = layer_cost(call, widths, batch=batch, bytes_per_element=bytes_per_element)
@@ -156,12 +158,14 @@ def flop_counter_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = torch.zeros(input_shape, device=param.device if param is not None else "cpu",
+                    dtype=param.dtype if param is not None else None)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(input_shape, device=device))
+            model(x)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

@@ -45,6 +45,24 @@ def _values(gm: fx.GraphModule, nodes: set[fx.Node], example: torch.Tensor) -> d
     return values
 
 
+def _is_tensor(node: fx.Node) -> bool:
+    """Whether a traced node produced a tensor (shape reads give Python ints)."""
+    return hasattr(node.meta.get("tensor_meta"), "shape")
+
+
+def _frontier(const: set[fx.Node]) -> set[fx.Node]:
+    """Constant tensors to fold: read by a non-constant node or by a non-tensor op.
+
+    Shape reads of a constant stay in the graph (they read the folded tensor, so a batch size
+    they return follows the input's).
+    """
+    return {
+        n for n in const
+        if n.op != "get_attr" and _is_tensor(n)
+        and any(u not in const or not _is_tensor(u) for u in n.users)
+    }
+
+
 def _fold(model: nn.Module, graph: HyperGraph, keep: Mapping[int, Sequence[int]],
           empty: set[int]) -> fx.GraphModule:
     """Trace ``model`` and replace the parts cut off by ``empty`` edges with constants."""
@@ -58,13 +76,14 @@ def _fold(model: nn.Module, graph: HyperGraph, keep: Mapping[int, Sequence[int]]
         )
     names = constant_nodes(graph, empty)
     const = {n for n in gm.graph.nodes if n.name in names}
-    frontier = {n for n in const if n.op != "get_attr" and any(u not in const for u in n.users)}
+    frontier = _frontier(const)
     handles = mask_model(gm, graph, keep)
     try:
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        param = next(gm.parameters())
         was_training = gm.training
         gm.eval()
-        values = _values(gm, frontier, torch.zeros(graph.input_shape, device=device))
+        example = torch.zeros(graph.input_shape, device=param.device, dtype=param.dtype)
+        values = _values(gm, frontier, example)
         gm.train(was_training)
     finally:
         for h in handles:

@@ -81,6 +81,10 @@ class GateSet(nn.Module):
         Keep every edge's width a multiple of this (or its full width): the deterministic
         gates and the permanent masks round a count up by re-opening the closed channels
         with the largest logits. Default 1 (any width).
+    conv_groups : sequence of int, optional
+        Conv groups of each edge (``ChannelGroup.groups``): the deterministic gates and the
+        masks keep the same count in every group (rounding up, best logits first), so every
+        plan converts. Default 1 everywhere.
 
     Attributes
     ----------
@@ -97,6 +101,7 @@ class GateSet(nn.Module):
         names: Sequence[str] | None = None,
         min_keep: Sequence[int] | None = None,
         round_to: int = 1,
+        conv_groups: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < init_prob < 1.0:
@@ -109,6 +114,10 @@ class GateSet(nn.Module):
             list(names) if names is not None else [f"edge{i}" for i in range(len(channels))]
         )
         self.min_keep = [int(k) for k in min_keep] if min_keep is not None else [0] * len(channels)
+        self.conv_groups = [int(g) for g in conv_groups or [1] * len(self.channels)]
+        for c, g in zip(self.channels, self.conv_groups, strict=True):
+            if g < 1 or c % g:
+                raise GatorError(f"an edge of {c} channels cannot split into {g} conv groups")
         theta0 = math.log(init_prob / (1.0 - init_prob))
         self.logits = nn.ParameterList(
             [nn.Parameter(torch.full((c,), theta0)) for c in self.channels]
@@ -131,7 +140,7 @@ class GateSet(nn.Module):
         """Gates for every prunable edge of ``graph``; edges that cut the network keep one."""
         return cls(
             [e.channels for e in graph.edges], init_prob, [e.name for e in graph.edges],
-            min_keep_counts(graph), round_to=round_to,
+            min_keep_counts(graph), round_to=round_to, conv_groups=[e.groups for e in graph.edges],
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -176,6 +185,21 @@ class GateSet(nn.Module):
         out[torch.topk(theta, missing).indices] = True
         return out
 
+    def _balance(self, edge: int, chosen: torch.Tensor) -> torch.Tensor:
+        """``chosen`` with the same count in every conv group of ``edge``: the total rounded
+        up to a multiple of the groups, each group keeping its chosen, then live, then
+        largest-logit channels."""
+        g = self.conv_groups[edge]
+        if g <= 1:
+            return chosen
+        per = -(-int(chosen.sum()) // g)
+        theta = torch.sigmoid(self.logits[edge].detach().float())
+        key = (chosen.float() * 4 + self.mask(edge).float() * 2 + theta).reshape(g, -1)
+        top = torch.argsort(key, dim=1, descending=True, stable=True)[:, :per]
+        out = torch.zeros_like(chosen).reshape(g, -1)
+        out.scatter_(1, top, True)
+        return out.reshape(-1)
+
     @property
     def frozen(self) -> bool:
         """True once gate training has stopped: gates are deterministic even in training."""
@@ -208,12 +232,13 @@ class GateSet(nn.Module):
     def deterministic(self) -> list[torch.Tensor]:
         """Eval gates: open (1.0) iff mask and ``sigmoid(theta) > 0.5``.
 
-        ``min_keep`` and ``round_to`` round each edge's count up with its largest closed logits.
+        ``min_keep`` and ``round_to`` round each edge's count up with its largest closed logits;
+        a grouped-conv edge keeps the same count in every group.
         """
         out = []
         for i, t in enumerate(self.logits):
             g = self.mask(i) & (t > 0)
-            g = self._top_up(i, g, self.valid_count(i, int(g.sum())))
+            g = self._balance(i, self._top_up(i, g, self.valid_count(i, int(g.sum()))))
             out.append(g.to(t.dtype))
         return out
 
@@ -240,7 +265,7 @@ class GateSet(nn.Module):
         for i, theta in enumerate(self.logits):
             m = self.mask(i)
             keep = m & (theta >= 0)
-            keep = self._top_up(i, keep, self.valid_count(i, int(keep.sum())))
+            keep = self._balance(i, self._top_up(i, keep, self.valid_count(i, int(keep.sum()))))
             new += int((m & ~keep).sum())
             m.copy_(keep)
         return new

@@ -156,6 +156,8 @@ def quadratic_cost(
             c = f({a: 1.0, b: 1.0}) - ones[a] - ones[b] + f0
             quad[a, b] += c
             quad[b, a] += c
+    if metric == "flops":
+        const += graph.fixed_flops
     full = torch.tensor([float(e.channels) for e in graph.edges], dtype=torch.float64)
     return QuadraticCost(const * scale, lin * scale, quad * scale, full, unit or metric)
 

@@ -83,6 +83,35 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
     m.num_features = len(idx)
 
 
+def _touches(call: LayerCall, keep: Mapping[int, Sequence[int]]) -> bool:
+    """Whether ``keep`` removes a channel on either side of ``call`` (else: leave it alone)."""
+    return any(s.gid in keep for s in (*call.in_layout, *call.out_layout))
+
+
+def _dims(m: nn.Module, call: LayerCall) -> tuple[int, int] | None:
+    """(output, input) channel counts of a layer as its weights say, or None if not a layer."""
+    if call.kind == "norm":
+        n = getattr(m, "num_features", None)
+        return (n, n) if n is not None else None
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        return None
+    groups = getattr(m, "groups", 1)
+    return (w.shape[0], w.shape[0]) if call.depthwise else (w.shape[0], w.shape[1] * groups)
+
+
+def _check_shape(m: nn.Module, call: LayerCall) -> None:
+    """GatorError unless ``m``'s weights have the channel counts its graph recorded."""
+    want = (sum(s.width for s in call.out_layout), sum(s.width for s in call.in_layout))
+    have = _dims(m, call)
+    if have != want:
+        raise GatorError(
+            f"layer {call.module} has {have[0] if have else '?'} outputs and "
+            f"{have[1] if have else '?'} inputs but its graph says {want[0]} and {want[1]}; "
+            "the model does not match the graph it was traced as (rebuild the graph)"
+        )
+
+
 def slim(model: nn.Module, graph: HyperGraph, plan: Plan, *, missing_ok: bool = False) -> nn.Module:
     """Return a smaller copy of ``model`` keeping the channels of ``plan`` (original untouched).
 
@@ -90,12 +119,13 @@ def slim(model: nn.Module, graph: HyperGraph, plan: Plan, *, missing_ok: bool = 
     their channels. Every edge must keep at least one channel. With ``missing_ok``, layers of
     the graph that the model no longer has (folded away by conversion) are skipped.
     """
-    keep = graph.normalize_plan(plan)
+    keep = {g: idx for g, idx in graph.normalize_plan(plan).items()
+            if len(idx) < graph.edges[g].channels}
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
     done: set[str] = set()
     for call in graph.calls:
-        if call.module in done:
+        if call.module in done or not _touches(call, keep):
             continue
         done.add(call.module)
         m = modules.get(call.module)
@@ -103,6 +133,7 @@ def slim(model: nn.Module, graph: HyperGraph, plan: Plan, *, missing_ok: bool = 
             continue
         if m is None:
             raise GatorError(f"the model has no layer {call.module}; it does not match its graph")
+        _check_shape(m, call)
         out_idx = layout_index(call.out_layout, keep)
         in_idx = layout_index(call.in_layout, keep)
         with torch.no_grad():

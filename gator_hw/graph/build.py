@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from types import MappingProxyType
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
 
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import ChannelGroup, HyperGraph, LayerCall, Seg, Site
@@ -17,7 +19,10 @@ __all__ = ["build_hypergraph", "trace"]
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -> fx.GraphModule:
-    """Symbolically trace ``model`` (eval mode) and annotate every node with its real shapes."""
+    """Symbolically trace ``model`` (eval mode) and annotate every node with its real shapes.
+
+    The run also counts the forward's FLOPs with ``FlopCounterMode``: ``gm.meta["flops"]``.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -29,11 +34,13 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
                 f"{name} cannot be traced with torch.fx ({type(exc).__name__}: {msg[:200]}); "
                 "remove data-dependent Python control flow from forward()"
             ) from exc
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        example = torch.zeros(input_shape, device=device)
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        example = torch.zeros(input_shape, device=param.device if param is not None else "cpu",
+                              dtype=param.dtype if param is not None else None)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 ShapeProp(gm).propagate(example)
+            gm.meta["flops"] = int(counter.get_total_flops())
         except Exception as exc:
             raise _run_error(exc, name, tuple(input_shape)) from exc
     finally:
@@ -154,6 +161,7 @@ def _finalize(
     dataflow: dict[str, tuple[str, str, tuple[str, ...]]],
     model_name: str,
     input_shape: tuple[int, ...],
+    traced_flops: float,
 ) -> HyperGraph:
     roots = sorted({b.find(s.sid) for s in b.spaces})
     entries = []
@@ -211,10 +219,15 @@ def _finalize(
         for lc in b.layer_calls
     )
     nodes = {name: seg(lay) for name, lay in node_layouts.items()}
-    return HyperGraph(
+    graph = HyperGraph(
         model_name, tuple(input_shape), tuple(groups), n_edges, calls, MappingProxyType(nodes),
         MappingProxyType(dataflow),
     )
+    from gator_hw.accounting import network_cost  # accounting reads the graph module
+
+    batch = max(1, int(input_shape[0]))
+    layers = network_cost(graph, batch=batch).flops
+    return dataclasses.replace(graph, fixed_flops=max(0.0, traced_flops - layers) / batch)
 
 
 def build_hypergraph(
@@ -223,12 +236,13 @@ def build_hypergraph(
     """Discover the hyperedges of ``model`` for inputs of ``input_shape``, e.g. (1, 3, 224, 224).
 
     The model is traced with torch.fx in eval mode and run once on zeros to learn every shape.
-    Ops without a channel rule freeze the channels they touch (see ``ChannelGroup.frozen_reasons``).
+    Ops without a channel rule freeze the channels they touch (see ``ChannelGroup.frozen_reasons``);
+    the FLOPs they do (attention matmuls, functional convs) are ``HyperGraph.fixed_flops``.
     """
     gm = trace(model, input_shape, name)
     b, node_layouts = _run_rules(gm)
     _unify_shared_modules(b)
-    return _finalize(b, node_layouts, _dataflow(gm), name, input_shape)
+    return _finalize(b, node_layouts, _dataflow(gm), name, input_shape, gm.meta["flops"])
 
 
 def _dataflow(gm: fx.GraphModule) -> dict[str, tuple[str, str, tuple[str, ...]]]:

@@ -132,7 +132,10 @@ class HyperGraph:
     rest are frozen groups (network input and output, channels touched by ops without a rule).
     ``calls`` are the weighted layer calls in forward order; ``node_layouts`` gives the channel
     layout of every traced tensor (by torch.fx node name), and ``dataflow`` every traced node as
-    ``(op, module name for call_module, input node names)``, in forward order.
+    ``(op, module name for call_module, input node names)``, in forward order. ``fixed_flops``
+    are the FLOPs per sample that ``FlopCounterMode`` counts outside ``calls`` (ops without a
+    channel rule, e.g. attention matmuls): they read only frozen channels, so no plan changes
+    them.
     Edge order: by the forward position of the last layer that writes the edge's channels. For
     torchvision ResNet-50 this is the GATOR order (stem, per block inner1, inner2, then each
     stage's highway after its blocks).
@@ -145,6 +148,7 @@ class HyperGraph:
     calls: tuple[LayerCall, ...]
     node_layouts: Mapping[str, tuple[Seg, ...]] = field(default_factory=dict)
     dataflow: Mapping[str, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
+    fixed_flops: float = 0.0
 
     @property
     def edges(self) -> tuple[ChannelGroup, ...]:

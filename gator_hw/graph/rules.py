@@ -284,15 +284,32 @@ def _linear(b: Builder, call: Call) -> Layout | None:
     m = call.module
     x = call.in_layouts[0] if call.in_layouts else None
     shape = call.in_shapes[0] if call.in_shapes else None
+    if shape is not None and len(shape) > 2:
+        return _linear_on_last_dim(b, call, shape)
     if x is None or shape is None or len(shape) != 2:
-        out = b.unknown(call, f"{call.name} reads a tensor that is not (batch, features)")
-        if x is not None and out is not None:
-            b.record_layer(call, "linear", x, out, bias=m.bias is not None)
-        return out
+        return b.unknown(call, f"{call.name} reads a tensor that is not (batch, features)")
     out = b.fresh(call.out_shape)
     b.add_site(x, call.order, call.name, "in")
     b.add_site(out, call.order, call.name, "out")
     b.record_layer(call, "linear", x, out, bias=m.bias is not None)
+    return out
+
+
+def _linear_on_last_dim(b: Builder, call: Call, shape: tuple[int, ...]) -> Layout | None:
+    """A Linear on a (B, ..., C) tensor: its features are the last dim, not dim 1.
+
+    Channels-last tensors have no channel rules yet, so every channel it touches is frozen;
+    the layer is recorded with its true feature layouts (so slimming leaves it as it is) and
+    its tokens (the dims between batch and features) as positions, so its FLOPs are exact.
+    """
+    m = call.module
+    why = f"{call.name} is a Linear on a (batch, ..., features) tensor (channels-last)"
+    out = b.unknown(call, why)
+    tokens = math.prod(shape[1:-1])
+    feat_in = (Run(b.new_space(m.in_features, why), m.in_features),)
+    feat_out = (Run(b.new_space(m.out_features, why), m.out_features),)
+    b.record_layer(call, "linear", feat_in, feat_out, bias=m.bias is not None,
+                   spatial_in=tokens, spatial_out=tokens)
     return out
 
 
