@@ -6,7 +6,8 @@ of 20-30 nets is noisy, so this refits the whole procedure (candidate selection 
 absolute signed error, with how often the cost model beat each baseline on every metric
 (``gator-hw validate --splits N`` prints the same next to the single split).
 
-Run: ``python benchmarks/bench_costmodel.py profiles/cpu-amd-epyc/resnet18_b8_float32.csv --splits 10``
+Run: ``python benchmarks/bench_costmodel.py TABLE.csv --splits 10``, e.g. TABLE
+``profiles/cpu-amd-epyc/resnet18_b8_float32.csv``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from functools import cache
 from pathlib import Path
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from gator_hw.graph import HyperGraph
 from gator_hw.network import Network, load_network
+from gator_hw.soundness import random_plan  # noqa: F401 (tests import it from here)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -61,14 +60,3 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def random_plan(graph: HyperGraph, seed: int = 0) -> dict[int, list[int]]:
-    """Random kept channels for every edge (1..C, balanced over conv groups)."""
-    rng = random.Random(seed)
-    plan = {}
-    for e in graph.edges:
-        n = graph.valid_keep_count(e.gid, rng.randint(1, e.channels))
-        size, per = e.channels // e.groups, n // e.groups
-        plan[e.gid] = sorted(
-            g * size + i for g in range(e.groups) for i in rng.sample(range(size), per)
-        )
-    return plan

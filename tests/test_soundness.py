@@ -178,3 +178,20 @@ def test_gated_grouped_models_with_random_logits_convert(name: str) -> None:
         out = small(x)
     assert sum(map(len, keep.values())) < sum(e.channels for e in net.graph.edges)
     assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_a_gated_run_on_a_grouped_model_converts(tmp_path, one_thread) -> None:
+    from gator_hw.config import GatingConfig, write_config
+    from gator_hw.gated import convert_checkpoint
+    from gator_hw.train.loop import TrainSettings, train
+
+    cfg = write_config(GatingConfig(criteria_weight=2.0, gate_init_prob=0.6), tmp_path / "c.json")
+    train(TrainSettings(model="regnet_x_400mf", config=cfg, data="digits", out=tmp_path / "run",
+                        epochs=1, batch_size=128, lr=0.05, input_size=16, target="flops=0.6",
+                        hold_epochs=0.2), log=lambda _m: None)
+    r = convert_checkpoint(tmp_path / "run")
+    grouped = [e.gid for e in r.net.graph.edges if e.groups > 1]
+    assert grouped and any(len(r.keep[g]) < r.net.graph.edges[g].channels for g in grouped)
+    assert network_cost(r.net.graph, {g: len(i) for g, i in r.keep.items()}).flops <= 0.61 * (
+        network_cost(r.net.graph).flops)
+    assert r.rel_error <= 1e-3
