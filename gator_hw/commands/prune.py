@@ -11,6 +11,7 @@ import typer
 
 from gator_hw.commands.common import InputSize, ModelName, console
 from gator_hw.train.loop import TrainSettings, train
+from gator_hw.train.progress import epoch_progress
 
 __all__ = ["CostSource", "Schedule", "register"]
 
@@ -92,6 +93,12 @@ def prune_cmd(
     save_interval: Annotated[
         int, typer.Option(help="Also keep epoch_NNN checkpoints every N epochs (0: never).")
     ] = 0,
+    checkpoint_every: Annotated[
+        int, typer.Option(
+            help="Also write the resumable last checkpoint every N optimizer steps within an "
+            "epoch (0: at epoch ends only); --resume then continues mid-epoch with the same "
+            "data order and random numbers.")
+    ] = 0,
     target: Annotated[
         str | None,
         typer.Option(
@@ -150,23 +157,27 @@ def prune_cmd(
 ) -> None:
     """Prune MODEL's channels with learned gates trained under the config's cost loss.
 
-    Every epoch prints validation accuracy (deterministic gates), the loss terms, lambda,
-    kept channels and the predicted latency / FLOPs / params against the budget; the run
-    folder gets log.csv, resumable checkpoints and plan.json (kept channels per edge).
-    Under torchrun, trains with DistributedDataParallel.
+    Within an epoch a progress bar shows step i/N, the loss, lambda and the ETA (plain lines
+    at every tenth of the epoch when stdout is not a terminal). Every epoch prints validation
+    accuracy (deterministic gates), the loss terms, lambda, kept channels and the predicted
+    latency / FLOPs / params against the budget; the run folder gets log.csv, resumable
+    checkpoints and plan.json (kept channels per edge). Under torchrun, trains with
+    DistributedDataParallel (rank 0 reports).
     """
     settings = TrainSettings(
         model=model, config=config, data=data, out=out, epochs=epochs, lr=lr,
         momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
         subdivision=subdivision, amp=amp, amp_dtype=amp_dtype.value, schedule=schedule.value,
         lr_step=lr_step,
-        resume=resume, save_interval=save_interval, target=target, budget_at=budget_at,
+        resume=resume, save_interval=save_interval, checkpoint_every=checkpoint_every,
+        target=target, budget_at=budget_at,
         hold_epochs=hold_epochs, round_to=round_to, cost_source=cost.value,
         importance_power=importance_power, calibrate=calibrate.value,
         gate_epochs=gate_epochs, weights=weights, input_size=input_size,
         num_classes=num_classes, workers=workers, seed=seed, device=device,
     )  # fmt: skip
-    result = train(settings, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    result = train(settings, log=lambda m: console.print(m, highlight=False, soft_wrap=True),
+                   progress=epoch_progress(console))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports
     frac = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.fractions.items())

@@ -3,13 +3,19 @@
 One run lives in one folder::
 
     run/log.csv            one row per epoch (accuracy, loss terms, lambda, predicted costs)
-    run/last.{json,safetensors}        resumable checkpoint (every epoch; gator_hw.train.state)
+    run/last.{json,safetensors}        resumable checkpoint (every epoch, and every
+                                       ``checkpoint_every`` steps within one; gator_hw.train.state)
     run/epoch_NNN.{json,safetensors}   every ``save_interval`` epochs
     run/plan.json          edge -> kept channel indices (for gator_hw.slim), at the end
 
 Distributed: started by ``torchrun``, the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables
 select DistributedDataParallel (gloo on CPU, nccl on CUDA). Gate gradients are all-reduced like
 any other; the masks are compared across ranks every epoch; only rank 0 writes files.
+
+Resuming: an epoch's data order depends on ``(seed, epoch)`` alone (gator_hw.train.order), so
+a run resumed from a mid-epoch checkpoint skips the batches the epoch took and continues with
+the restored RNG states exactly as an uninterrupted run (with ``workers > 0`` the augmentation
+of the remaining images is re-drawn: worker RNG states are not checkpointed).
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import contextlib
 import csv
 import io
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +60,9 @@ from gator_hw.train.distributed import (
     world_size,
 )
 from gator_hw.train.norms import recalibrate_norms, recalibrated_norms
-from gator_hw.train.state import restore
+from gator_hw.train.order import EpochOrder
+from gator_hw.train.progress import StepProgress
+from gator_hw.train.state import EpochTally, restore
 from gator_hw.train.state import save as save_state
 
 __all__ = [
@@ -101,6 +108,7 @@ class TrainSettings:
     lr_step: int = 30
     resume: Path | None = None
     save_interval: int = 0
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints (0: none)
     target: str | None = None
     budget_at: float = 0.5
     hold_epochs: float = 1.0
@@ -127,6 +135,9 @@ class TrainSettings:
             raise GatorError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.save_interval < 0 or self.workers < 0:
             raise GatorError("--save-interval and --workers must be >= 0")
+        if self.checkpoint_every < 0:
+            raise GatorError(f"--checkpoint-every must be >= 0 steps (0: only at epoch ends), "
+                             f"got {self.checkpoint_every}")
         if not 0.0 < self.budget_at <= 1.0:
             raise GatorError(
                 f"--budget-at must be a fraction of the epochs in (0, 1], got {self.budget_at}"
@@ -307,25 +318,22 @@ def _prepare(s: TrainSettings, log: Callable[[str], None] = print) -> _Run:
     return _Run(s, net, data, config, criterion, target, out, ckpt, d, device)
 
 
-def _loaders(run: _Run) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
+def _loaders(run: _Run) -> tuple[DataLoader, DataLoader, EpochOrder]:
+    """Train loader (its order set per epoch by the returned :class:`EpochOrder`) and val."""
     s, d = run.settings, run.dist
     per_rank = s.batch_size // d.world  # check_parallel: divides, and >= subdivision
-    sampler = (
-        DistributedSampler(run.data.train, d.world, d.rank, seed=s.seed) if d.enabled else None
-    )
+    order = EpochOrder(run.data.train, s.seed, d.rank, d.world)
     vsampler = (
         DistributedSampler(run.data.val, d.world, d.rank, shuffle=False) if d.enabled else None
     )
-    g = torch.Generator().manual_seed(s.seed)
     pin = run.device.type == "cuda"
     kw = {"num_workers": s.workers, "pin_memory": pin, "persistent_workers": s.workers > 0}
     train = DataLoader(
         run.data.train,
         per_rank,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=order,
         drop_last=True,
-        generator=g,
+        generator=order.loader_generator,
         **kw,
     )
     if len(train) == 0:
@@ -334,14 +342,16 @@ def _loaders(run: _Run) -> tuple[DataLoader, DataLoader, DistributedSampler | No
             "images; use a smaller batch"
         )
     val = DataLoader(run.data.val, per_rank, shuffle=False, sampler=vsampler, **kw)
-    return train, val, sampler
+    return train, val, order
 
 
 class _Trainer:
     """Holds the live objects of one run; every method is one phase of an epoch."""
 
-    def __init__(self, run: _Run, log: Callable[[str], None]) -> None:
+    def __init__(self, run: _Run, log: Callable[[str], None],
+                 progress: StepProgress | None = None) -> None:
         self.run, self.s, self.log = run, run.settings, log
+        self.progress = progress or StepProgress()
         self.device = run.device
         self.model = run.net.model.to(self.device)
         self.gates = GateSet.from_graph(
@@ -350,7 +360,7 @@ class _Trainer:
         self.gates.attach(self.model, run.net.graph)
         self.module = GatedNet(self.model, self.gates)
         self.criterion = run.criterion.to(self.device)
-        self.train_loader, self.val_loader, self.sampler = _loaders(run)
+        self.train_loader, self.val_loader, self.order = _loaders(run)
         self.steps_per_epoch = len(self.train_loader)
         self.budget = self._budget()
         self.calibrator = self._calibrator()
@@ -365,9 +375,11 @@ class _Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
         self.epoch, self.step = 0, 0
+        self.tally: EpochTally | None = None  # the epoch in progress
+        # the budget's (closed, re-opened) counts at the start of the epoch (its row's moves)
+        self.epoch_moves = (self.budget.closed, self.budget.reopened) if self.budget else (0, 0)
         if run.checkpoint is not None:
             restore(self, run.checkpoint)
-        self._moves = (self.budget.closed, self.budget.reopened) if self.budget else (0, 0)
         self.ddp = self._wrap()
 
     # -- setup
@@ -451,9 +463,9 @@ class _Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=getattr(torch, self.s.amp_dtype), enabled=self.amp)
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)
+    def _batches(self, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches in its own order, after its first ``skip`` (already trained)."""
+        self.order.set_epoch(self.epoch, skip * self.train_loader.batch_size)
         for x, y in self.train_loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -491,38 +503,70 @@ class _Trainer:
         lam = self.lam
         return lambda: self.criterion.loss(self.gates, lam)
 
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor,
+                    no_sync: Callable[[], contextlib.AbstractContextManager] | None
+                    ) -> tuple[float, float, int]:
+        """One optimizer step on ``(x, y)``: its base lr, mean cross-entropy, correct count."""
+        base = self._set_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        extra = self._cost_term() if self.gates_training else None
+        ce, correct = accumulate_gradients(
+            self.ddp,
+            x,
+            y,
+            self.s.subdivision,
+            extra_loss=extra,
+            backward=lambda loss: self.scaler.scale(loss).backward(),
+            no_sync=no_sync,
+            autocast=self._autocast,
+        )
+        if self.gates_training:
+            self.gates.update_importance(
+                scale=float(self.scaler.get_scale()) if self.scaling else 1.0,
+                reduce=dist.all_reduce if self.run.dist.enabled else None)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self._after_step()
+        return base, ce, correct
+
+    def _checkpoint_due(self) -> bool:
+        """``--checkpoint-every N``: this step closes a block of N, and is not the epoch's
+        last (the epoch's own checkpoint follows its evaluation)."""
+        every = self.s.checkpoint_every
+        return every > 0 and self.step % every == 0 and self.tally.batches < self.steps_per_epoch
+
     def train_epoch(self) -> tuple[float, float, float, float]:
+        """Train the epoch in progress to its end (the rest of it, when resumed mid-epoch).
+
+        Returns the epoch's mean cross-entropy and accuracy over all ranks, the expected cost
+        and the base learning rate after its last step.
+        """
         self.ddp.train()
-        totals = [0.0, 0.0, 0.0, 0.0]  # ce * n, correct, n, cost
-        base = self.s.lr
+        tally = self.tally = self.tally or EpochTally(lr=self.s.lr)
         no_sync = getattr(self.ddp, "no_sync", None)
-        for x, y in self._batches():
-            base = self._set_lr()
-            self.optimizer.zero_grad(set_to_none=True)
-            extra = self._cost_term() if self.gates_training else None
-            ce, correct = accumulate_gradients(
-                self.ddp,
-                x,
-                y,
-                self.s.subdivision,
-                extra_loss=extra,
-                backward=lambda loss: self.scaler.scale(loss).backward(),
-                no_sync=no_sync,
-                autocast=self._autocast,
-            )
-            if self.gates_training:
-                self.gates.update_importance(
-                    scale=float(self.scaler.get_scale()) if self.scaling else 1.0,
-                    reduce=dist.all_reduce if self.run.dist.enabled else None)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.step += 1
-            self._after_step()
-            with torch.no_grad():
-                cost = float(self.criterion.cost(self.gates.expected_channels()))
-            totals = [totals[0] + ce * len(y), totals[1] + correct, totals[2] + len(y), cost]
-        ce_sum, correct, n = reduce_sum(totals[:3], self.run.dist, self.device)
-        return ce_sum / max(n, 1), correct / max(n, 1), totals[3], base
+        self.progress.start(self.epoch, self.s.epochs, self.steps_per_epoch, tally.batches)
+        try:
+            for x, y in self._batches(tally.batches):
+                base, ce, correct = self._train_step(x, y, no_sync)
+                with torch.no_grad():
+                    cost = float(self.criterion.cost(self.gates.expected_channels()))
+                tally.add(ce, correct, len(y), cost, base)
+                self.progress.update(tally.batches, tally.mean_ce,
+                                     self.lam if self.gates_training else 0.0)
+                if self._checkpoint_due():
+                    self.save("last")
+        finally:
+            self.progress.stop()
+        ce_sum, correct, n = reduce_sum([tally.ce, tally.correct, tally.images], self.run.dist,
+                                        self.device)
+        return ce_sum / max(n, 1), correct / max(n, 1), tally.cost, tally.lr
+
+    def finish_epoch(self) -> float:
+        """Close the epoch in progress; return the seconds it took (resumed parts included)."""
+        seconds = self.tally.elapsed() if self.tally is not None else 0.0
+        self.tally, self.epoch = None, self.epoch + 1
+        return seconds
 
     def _norm_batches(self) -> Iterator[torch.Tensor]:
         """The first training images, in file order (no RNG used), on every rank alike."""
@@ -554,7 +598,8 @@ class _Trainer:
         correct, n = reduce_sum([correct, n], self.run.dist, self.device)
         return correct / max(n, 1.0)
 
-    def row(self, ce: float, acc: float, cost: float, lr: float, val: float, t0: float) -> EpochRow:
+    def row(self, ce: float, acc: float, cost: float, lr: float, val: float,
+            seconds: float) -> EpochRow:
         kept = self.gates.kept_channels()
         fr = self.criterion.fractions(torch.tensor(kept, dtype=torch.float64))
         tgt = self.run.target
@@ -565,8 +610,8 @@ class _Trainer:
             self.epoch - 1) * self.steps_per_epoch else None
         b = self.budget
         moves = (b.closed, b.reopened) if b is not None else (0, 0)
-        closed, reopened = (m - m0 for m, m0 in zip(moves, self._moves, strict=True))
-        self._moves = moves
+        closed, reopened = (m - m0 for m, m0 in zip(moves, self.epoch_moves, strict=True))
+        self.epoch_moves = moves
         return EpochRow(
             self.epoch,
             lr,
@@ -580,7 +625,7 @@ class _Trainer:
             f"{tgt.metric}<={tgt.fraction:g}" if tgt else "none",
             met,
             gates,
-            time.perf_counter() - t0,
+            seconds,
             ceiling=b.schedule.ceiling(self.step) if b is not None else None,
             closed=closed,
             reopened=reopened,
@@ -619,8 +664,12 @@ class TrainResult:
     plan: dict[int, list[int]]
 
 
-def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainResult:
+def train(settings: TrainSettings, log: Callable[[str], None] = print,
+          progress: StepProgress | None = None) -> TrainResult:
     """Run (or resume) gated pruning training; see the module docstring for the files.
+
+    ``progress`` shows the steps within each epoch (:mod:`gator_hw.train.progress`; rank 0
+    only); by default nothing but ``log``'s lines is shown.
 
     Raises
     ------
@@ -629,7 +678,8 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
     """
     run = _prepare(settings, log)
     torch.manual_seed(settings.seed + run.dist.rank)  # gate noise differs per rank
-    tr = _Trainer(run, log if run.dist.main else (lambda _m: None))
+    tr = _Trainer(run, log if run.dist.main else (lambda _m: None),
+                  progress if run.dist.main else None)
     if run.dist.main:
         run.out.mkdir(parents=True, exist_ok=True)
         if run.checkpoint is None:
@@ -640,12 +690,11 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print) -> TrainR
            + (f" | measured latency: {tr.calibrator.note}" if tr.budget is not None else ""))
     rows = []
     while tr.epoch < settings.epochs:
-        t0 = time.perf_counter()
         ce, acc, cost, lr = tr.train_epoch()
         val = tr.evaluate()
         check_masks(tr.gates, run.dist)
-        tr.epoch += 1
-        row = tr.row(ce, acc, cost, lr, val, t0)
+        seconds = tr.finish_epoch()
+        row = tr.row(ce, acc, cost, lr, val, seconds)
         rows.append(row)
         tr.log(str(row))
         if run.dist.main:
