@@ -4,7 +4,9 @@ Every check compares gator-hw with an independent reference: the FLOPs with
 ``FlopCounterMode`` (full width and slimmed at half width), the empty plan with the model's own
 weights (it must change nothing), the slimmed model with the masked one on a random plan, and
 the converted model with the gated one for random gate logits, all in float64 so that rounding
-amplified by random weights does not hide or fake a difference.
+amplified by random weights does not hide or fake a difference, and with random batch-norm
+statistics so that a randomly initialised model's output depends on every channel (its
+``input_sensitivity`` says how much the output differs between two inputs).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from gator_hw.masking import mask_model
 from gator_hw.slim import slim
 
 __all__ = [
-    "ModelCheck", "check_model", "half_plan", "random_plan", "reason_kind", "zoo_input_size"
+    "ModelCheck", "check_model", "half_plan", "random_plan", "randomize_norms", "reason_kind",
+    "zoo_input_size",
 ]
 
 #: torchvision families whose builders only take their native 224 px input
@@ -59,6 +62,7 @@ class ModelCheck:
     empty_plan_changes: int = 0  # tensors the empty plan changed (must be 0)
     slim_error: float = 0.0  # slimmed vs masked, random plan
     convert_error: float = 0.0  # converted vs gated, random gate logits
+    input_sensitivity: float = 0.0  # how much the output differs between two inputs
     freeze_reasons: dict[str, int] = field(default_factory=dict)
     error: str = ""
 
@@ -82,6 +86,20 @@ def random_plan(graph: HyperGraph, seed: int = 0) -> dict[int, list[int]]:
             g * size + i for g in range(e.groups) for i in rng.sample(range(size), per)
         )
     return plan
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give batch norms non-trivial statistics and affine terms (in place), so that zeroed
+    channels show up in the output of a randomly initialised model."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+    return model
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,6 +186,9 @@ def _run_checks(row: ModelCheck, model: nn.Module, graph: HyperGraph, seed: int)
     row.half_flops_error = abs(half_ours - half_ref) / half_ref
     x = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(seed),
                     dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+    row.input_sensitivity = _rel(y[0], y[1]) if len(y) > 1 else 0.0
     plan = random_plan(graph, seed)
     with torch.no_grad():
         row.slim_error = _rel(slim(model, graph, plan)(x), _masked(model, graph, plan, x))
@@ -189,7 +210,8 @@ def check_model(name: str, model: nn.Module, input_size: int, *, seed: int = 0) 
         row.edges = graph.n_edges
         row.prunable_share = _prunable_share(graph)
         row.freeze_reasons = _freeze_reasons(graph)
-        _run_checks(row, copy.deepcopy(model).double().eval(), graph, seed)
+        checked = randomize_norms(copy.deepcopy(model).double().eval(), seed)
+        _run_checks(row, checked, graph, seed)
     except Exception as exc:  # the matrix records every failure, it never stops on one
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         row.error = f"{type(exc).__name__}: {first}"

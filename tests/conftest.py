@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from gator_hw.network import Network, load_network
-from gator_hw.soundness import random_plan  # noqa: F401 (tests import it from here)
+from gator_hw.soundness import random_plan, randomize_norms  # noqa: F401 (tests use them)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
@@ -47,16 +46,5 @@ def one_line_error(excinfo: pytest.ExceptionInfo, *words: str) -> str:
     return msg
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give batch norms non-trivial statistics so zeroed channels show up in the output."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
-    return model
 
 
