@@ -135,6 +135,29 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
         load_checkpoint(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("cut", ["before_json", "before_rename"])
+def test_a_save_cut_off_leaves_a_pair_that_loads(tmp_path, monkeypatch, cut):
+    from gator_hw.train import checkpoint
+
+    base = tmp_path / "last"
+    save_checkpoint(base, {"a": torch.zeros(3)}, {"epoch": 1})
+
+    def stop(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "write_json" if cut == "before_json" else "os",
+                        stop if cut == "before_json" else type("os", (), {"replace": stop}))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(base, {"a": torch.ones(3)}, {"epoch": 2})
+    monkeypatch.undo()
+    ck = load_checkpoint(tmp_path)  # the old pair, or the new one completed from .pending
+    want = 1 if cut == "before_json" else 2
+    assert ck.meta["epoch"] == want and float(ck.tensors["a"].sum()) == 3 * (want - 1)
+    if cut == "before_rename":
+        assert not (tmp_path / "last.safetensors.pending").exists()
+        assert load_checkpoint(tmp_path).meta["epoch"] == 2
+
+
 def _app() -> typer.Typer:
     app = typer.Typer()
     prune.register(app)

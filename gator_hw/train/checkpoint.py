@@ -6,14 +6,19 @@ A checkpoint ``NAME`` in a run folder is two files, each written atomically::
     NAME.json          epoch, step, settings, budget state, optimizer groups, the model's
                        edge signature and the SHA-256 of NAME.safetensors
 
-The JSON is written last and names the tensor file's hash, so a reader never pairs a new JSON
-with an old tensor file unnoticed. No pickles: loading runs no code.
+The pair is replaced as one: the new tensors go to ``NAME.safetensors.pending`` first, then the
+JSON (naming their hash), then the pending file takes the tensor file's place. A run killed
+before the JSON is written keeps the old pair; one killed after it finds the pending tensors
+that match the new JSON (:func:`load_checkpoint` completes the swap). No pickles: loading runs
+no code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +85,37 @@ def save_checkpoint(base: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     blob = save(flat)
     tensor_path = base.with_suffix(".safetensors")
-    write_bytes(tensor_path, blob)
+    pending = _pending(tensor_path)
+    write_bytes(pending, blob)
     meta = {
         **meta,
         "format": FORMAT,
         "tensors": tensor_path.name,
         "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    return write_json(base.with_suffix(".json"), meta)
+    out = write_json(base.with_suffix(".json"), meta)
+    os.replace(pending, tensor_path)
+    return out
+
+
+def _pending(tensor_path: Path) -> Path:
+    return tensor_path.with_name(tensor_path.name + ".pending")
+
+
+def _matching_blob(tensor_path: Path, sha: str | None) -> bytes | None:
+    """The tensor bytes whose hash is ``sha``: the tensor file's, or a pending write's (a save
+    cut off between its JSON and its last rename; the rename is completed here)."""
+    blob = tensor_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() == sha:
+        return blob
+    pending = _pending(tensor_path)
+    if pending.is_file():
+        blob = pending.read_bytes()
+        if hashlib.sha256(blob).hexdigest() == sha:
+            with contextlib.suppress(OSError):  # read-only: the bytes are right all the same
+                os.replace(pending, tensor_path)
+            return blob
+    return None
 
 
 def _resolve(path: Path) -> Path:
@@ -129,10 +157,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise GatorError(f"{json_path} is not a gator-hw checkpoint (no format {FORMAT!r})")
     tensor_path = json_path.with_name(str(meta.get("tensors", "")))
     try:
-        blob = tensor_path.read_bytes()
+        blob = _matching_blob(tensor_path, meta.get("tensors_sha256"))
     except OSError:
         raise GatorError(f"checkpoint {json_path} lacks its tensor file {tensor_path}") from None
-    if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+    if blob is None:
         raise GatorError(
             f"{tensor_path} does not match {json_path} (hash differs); the pair was mixed up "
             "or the write was interrupted; resume from another checkpoint"
