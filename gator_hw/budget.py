@@ -258,10 +258,11 @@ def _units(
         imp = imp.clamp_min(0) ** power if power != 1.0 else imp
         srt = torch.argsort(theta, stable=True)
         srt = srt[torch.argsort(imp[srt], stable=True)]
+        srt = _round_robin(srt, idx, gates.conv_groups[e], gates.channels[e])
         order.append(idx[srt])
         if e not in costs or len(idx) == 0:
             continue
-        c, n = len(idx), costs[e][0]
+        c, n = len(idx), math.lcm(costs[e][0], gates.conv_groups[e])
         first = c % n if n > 1 else 0
         bounds = torch.arange(first, c + 1, n) if n > 1 else torch.arange(0, c + 1)
         if first:
@@ -286,6 +287,21 @@ def _units(
     perm = torch.argsort(torch.cat(ties), stable=True)
     perm = perm[torch.argsort(torch.cat(scores)[perm], stable=True)]
     return _Units(torch.cat(edges)[perm], torch.cat(sizes)[perm], order, torch.cat(starts)[perm])
+
+
+def _round_robin(srt: torch.Tensor, idx: torch.Tensor, groups: int, channels: int
+                 ) -> torch.Tensor:
+    """``srt`` (an order of the open channels ``idx`` of an edge of ``channels`` in ``groups``
+    conv groups) reordered so that each group gives its next channel in turn: every prefix of a
+    multiple of the groups closes the same count in each (their open counts being equal)."""
+    if groups <= 1 or not len(idx):
+        return srt
+    group = (idx.cpu()[srt] // (channels // groups)).long()
+    rank = torch.zeros_like(group)
+    for gi in torch.unique(group).tolist():
+        where = torch.nonzero(group == gi).flatten()
+        rank[where] = torch.arange(len(where))
+    return srt[torch.argsort(rank, stable=True)]
 
 
 def _normalised_importance(gates: GateSet, edge: int) -> torch.Tensor:

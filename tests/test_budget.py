@@ -220,3 +220,22 @@ def test_importance_power_zero_leaves_the_allocation_to_the_cost() -> None:
     flat = pruned(torch.ones_like(imp), 1.0)
     assert pruned(imp, 0.0) == flat  # the importances no longer matter
     assert pruned(imp, 1.0) != flat and pruned(imp, 0.5) != pruned(imp, 1.0)
+
+
+def test_enforce_ceiling_keeps_grouped_edges_balanced_and_under_the_ceiling() -> None:
+    g = cached_network("regnet_x_400mf", 32).graph
+    crit = CostCriterion(g, GatingConfig())
+    gates = GateSet.from_graph(g, 0.9)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for t in gates.logits:
+            t.copy_(torch.rand(t.shape) * 4 + 0.1)
+    enforce_ceiling(gates, crit, "flops", 0.5)
+    grouped = [e for e in g.edges if e.groups > 1]
+    assert grouped
+    for e in grouped:  # the masks themselves are balanced, not only the rounded-up gates
+        counts = gates.mask(e.gid).reshape(e.groups, -1).sum(1)
+        assert len(set(counts.tolist())) == 1, e.name
+    assert any(int(gates.mask(e.gid).sum()) < e.channels for e in grouped)
+    kept = torch.tensor(gates.kept_channels(), dtype=torch.float64)
+    assert crit.fraction("flops", kept) <= 0.5 + 1e-9
