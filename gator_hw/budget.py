@@ -501,9 +501,10 @@ def give_back(
     """Re-open pruned channels, most important per unit of added cost first, while the kept
     network stays <= ``ceiling`` (after a measurement raised it). Returns how many.
 
-    Channels come back in units of :func:`closing_block`, an edge's most important pruned
-    channels first (importance normalised by the edge's mean, as :func:`_units` does); a
-    re-opened channel gets logit ``REOPEN_LOGIT`` and its momentum is cleared.
+    Channels come back in units of :func:`closing_block` (one per conv group in turn on a
+    grouped edge), an edge's most important pruned channels first (importance normalised by
+    the edge's mean, as :func:`_units` does); a re-opened channel gets logit ``REOPEN_LOGIT``
+    and its momentum is cleared.
     """
     kept = gates.kept_widths()
     if criterion.fraction(metric, kept) > ceiling:
@@ -518,10 +519,12 @@ def give_back(
             continue
         imp = _normalised_importance(gates, e)[idx.cpu()]
         srt = torch.argsort(imp, descending=True, stable=True)
+        srt = _round_robin(srt, idx, gates.conv_groups[e], gates.channels[e])
         pool[e], value[e] = idx[srt], imp[srt]
     opened = 0
     while pool:
-        cands = [(e, min(block, len(idx))) for e, idx in pool.items()]
+        cands = [(e, min(math.lcm(block, gates.conv_groups[e]), len(idx)))
+                 for e, idx in pool.items()]
         probes = [kept]
         for e, n in cands:
             probes.append(kept.clone())

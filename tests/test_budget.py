@@ -239,3 +239,23 @@ def test_enforce_ceiling_keeps_grouped_edges_balanced_and_under_the_ceiling() ->
     assert any(int(gates.mask(e.gid).sum()) < e.channels for e in grouped)
     kept = torch.tensor(gates.kept_channels(), dtype=torch.float64)
     assert crit.fraction("flops", kept) <= 0.5 + 1e-9
+
+
+def test_give_back_reopens_grouped_edges_evenly() -> None:
+    from gator_hw.budget import give_back
+
+    g = cached_network("regnet_x_400mf", 32).graph
+    crit = CostCriterion(g, GatingConfig())
+    gates = GateSet.from_graph(g, 0.9)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for t in gates.logits:
+            t.copy_(torch.rand(t.shape) * 4 + 0.1)
+        gates.importance.copy_(torch.rand(gates.importance.shape))
+    enforce_ceiling(gates, crit, "flops", 0.4)
+    opened = give_back(gates, crit, "flops", 0.6)
+    assert opened > 0
+    for e in (e for e in g.edges if e.groups > 1):
+        assert len(set(gates.mask(e.gid).reshape(e.groups, -1).sum(1).tolist())) == 1, e.name
+    kept = torch.tensor(gates.kept_channels(), dtype=torch.float64)
+    assert 0.4 < crit.fraction("flops", kept) <= 0.6 + 1e-9
