@@ -96,7 +96,8 @@ def _fold(model: nn.Module, graph: HyperGraph, keep: Mapping[int, Sequence[int]]
         value = values[node]
         layout = graph.node_layouts.get(node.name)
         if layout is not None and value.dim() >= 2:  # slice to the channels that stay
-            value = value.index_select(1, layout_index(layout, keep).to(value.device))
+            dim = -1 if node.name in graph.channels_last else 1
+            value = value.index_select(dim, layout_index(layout, keep).to(value.device))
         gm.register_buffer(name, value.contiguous())
         with gm.graph.inserting_before(node):
             new = gm.graph.get_attr(name)

@@ -21,12 +21,26 @@ __all__ = ["expand_layout", "mask_model", "reader_layouts", "scale_inputs"]
 
 def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
     """Module name -> input layout, for every layer that reads at least one prunable edge."""
+    return {name: lay for name, (lay, _) in _readers(graph).items()}
+
+
+def _readers(graph: HyperGraph) -> dict[str, tuple[tuple[Seg, ...], bool]]:
+    """Module name -> (input layout, channels-last) of every layer reading a prunable edge."""
     readers = {s.module for e in graph.edges for s in e.sites if s.role in READ_ROLES}
-    out: dict[str, tuple[Seg, ...]] = {}
+    out: dict[str, tuple[tuple[Seg, ...], bool]] = {}
     for call in graph.calls:
         if call.module in readers and call.module not in out:
-            out[call.module] = call.in_layout
+            out[call.module] = (call.in_layout, call.channels_last)
     return out
+
+
+def _broadcast(scale: torch.Tensor, x: torch.Tensor, last: bool) -> torch.Tensor:
+    """``scale`` (``(C,)`` or ``(N, C)``) shaped to multiply ``x`` along its channel dim (dim 1,
+    or the last dim of a channels-last input)."""
+    lead = tuple(scale.shape[:-1]) or (1,)
+    ones = (1,) * (x.dim() - 2)
+    shape = (*lead, *ones, scale.shape[-1]) if last else (*lead, scale.shape[-1], *ones)
+    return scale.to(x.dtype).reshape(shape)
 
 
 def expand_layout(
@@ -64,16 +78,14 @@ def scale_inputs(
     """
     modules = dict(model.named_modules())
     handles = []
-    for name, layout in reader_layouts(graph).items():
+    for name, (layout, last) in _readers(graph).items():
 
-        def hook(_m: nn.Module, args: tuple, layout=layout):
+        def hook(_m: nn.Module, args: tuple, layout=layout, last=last):
             scale = expand_layout(layout, vectors())
             if scale is None:
                 return None
             x = args[0]
-            lead = tuple(scale.shape[:-1]) or (1,)
-            shape = (*lead, scale.shape[-1]) + (1,) * (x.dim() - 2)
-            return (x * scale.to(x.dtype).reshape(shape), *args[1:])
+            return (x * _broadcast(scale, x, last), *args[1:])
 
         handles.append(modules[name].register_forward_pre_hook(hook))
     return handles

@@ -4,8 +4,8 @@ Every check compares gator-hw with an independent reference: the FLOPs with
 ``FlopCounterMode`` (full width and slimmed at half width), the empty plan with the model's own
 weights (it must change nothing), the slimmed model with the masked one on a random plan, and
 the converted model with the gated one for random gate logits, all in float64 so that rounding
-amplified by random weights does not hide or fake a difference, and with random batch-norm
-statistics so that a randomly initialised model's output depends on every channel (its
+amplified by random weights does not hide or fake a difference, and with every parameter and
+batch-norm statistic redrawn so that the model's output depends on every channel (its
 ``input_sensitivity`` says how much the output differs between two inputs).
 """
 
@@ -30,7 +30,8 @@ from gator_hw.masking import mask_model
 from gator_hw.slim import slim
 
 __all__ = [
-    "ModelCheck", "check_model", "half_plan", "random_plan", "randomize_norms", "reason_kind",
+    "ModelCheck", "check_model", "half_plan", "random_plan", "randomize_norms",
+    "randomize_weights", "reason_kind",
     "zoo_input_size",
 ]
 
@@ -99,6 +100,25 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+    return model
+
+
+def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Redraw every parameter (in place): weights ~ N(0, 1/fan_in), 1-D scales in [0.5, 1.5],
+    biases in [-0.1, 0.1]. Zero-initialised heads (ViT) and tiny layer scales (ConvNeXt) would
+    otherwise make a random model's output blind to the channels a check compares."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.rand(p.shape, generator=g, dtype=torch.float64).to(p)
+            if p.dim() >= 2:
+                fan_in = max(1, p.numel() // p.shape[0])
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p)
+                        / math.sqrt(fan_in))
+            elif name.endswith("bias"):
+                p.copy_((r - 0.5) * 0.2)
+            else:
+                p.copy_(r + 0.5)
     return model
 
 
@@ -210,7 +230,8 @@ def check_model(name: str, model: nn.Module, input_size: int, *, seed: int = 0) 
         row.edges = graph.n_edges
         row.prunable_share = _prunable_share(graph)
         row.freeze_reasons = _freeze_reasons(graph)
-        checked = randomize_norms(copy.deepcopy(model).double().eval(), seed)
+        checked = copy.deepcopy(model).double().eval()
+        checked = randomize_norms(randomize_weights(checked, seed), seed)
         _run_checks(row, checked, graph, seed)
     except Exception as exc:  # the matrix records every failure, it never stops on one
         first = (str(exc).strip().splitlines() or [""])[0][:300]

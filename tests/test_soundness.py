@@ -58,9 +58,31 @@ def test_a_linear_on_tokens_is_recorded_with_its_feature_dims(token_net) -> None
     call = next(c for c in g.calls if c.module == "mlp1")
     assert sum(s.width for s in call.in_layout) == 16  # features, not the 64 tokens of dim 1
     assert sum(s.width for s in call.out_layout) == 24
-    assert call.spatial_out == 64
-    assert all(s.gid >= g.n_edges for s in (*call.in_layout, *call.out_layout))  # frozen
-    assert [e.name for e in g.edges] == ["c1"]  # bn1 / c1 -> c2 is the one prunable edge
+    assert call.spatial_out == 64 and call.channels_last
+    assert call.in_layout[0].gid >= g.n_edges  # features from a transpose: frozen
+    # the stem edge, and the MLP's hidden channels (mlp1 -> relu -> mlp2, channels-last)
+    assert sorted(e.name for e in g.edges) == ["c1", "mlp1"]
+    hidden = next(e for e in g.edges if e.name == "mlp1")
+    assert {(s.module, s.role) for s in hidden.sites} == {("mlp1", "out"), ("mlp2", "in")}
+
+
+def test_gated_channels_last_edges_train_and_convert(token_net) -> None:
+    m, g = token_net
+    model = copy.deepcopy(m)
+    gates = GateSet.from_graph(g, 0.5).to(torch.float64).attach(model, g)
+    model.train()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    model(x).sum().backward()  # per-sample gates (3, 24) on a (3, 64, 24) tensor
+    hidden = next(e.gid for e in g.edges if e.name == "mlp1")
+    assert gates.logits[hidden].grad is not None and gates.logits[hidden].grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        gates.logits[hidden].copy_(torch.linspace(-1, 1, 24, dtype=torch.float64))
+        ref = model(x)
+    gates.detach()
+    small = convert(model, g, gates.kept_indices())
+    assert small.mlp1.out_features < 24
+    assert torch.allclose(small(x), ref, atol=1e-10)
 
 
 def test_the_empty_plan_is_the_identity(token_net) -> None:
@@ -74,12 +96,14 @@ def test_flops_include_what_ops_without_a_rule_do(token_net) -> None:
     m, g = token_net
     assert g.fixed_flops > 0  # the attention matmuls and the transposed conv
     assert network_cost(g).flops == flop_counter_flops(m, SHAPE)
-    plan = {0: [1, 4, 5, 9, 10]}
+    hidden = next(e.gid for e in g.edges if e.name == "mlp1")
+    plan = {0: [1, 4, 5, 9, 10], hidden: list(range(0, 24, 3))}
     small = slim(m, g, plan)
-    widths = {0: 5}
+    widths = {0: 5, hidden: 8}
     assert network_cost(g, widths).flops == flop_counter_flops(small, SHAPE)
     q = quadratic_cost(g, "flops")
-    assert float(q(torch.tensor([5.0], dtype=torch.float64))) == pytest.approx(
+    w = torch.tensor([float(widths[e.gid]) for e in g.edges], dtype=torch.float64)
+    assert float(q(w)) == pytest.approx(
         network_cost(g, widths).flops, rel=1e-12)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     handles = mask_model(m, g, plan)

@@ -9,21 +9,18 @@ import pytest
 from gator_hw.models import build_model
 from gator_hw.soundness import check_model, zoo_input_size
 
-#: one of each family; the transformers and ConvNeXt have no prunable edge yet (channels-last)
-FAMILIES = {
-    "resnet18": True, "vgg11_bn": True, "mobilenet_v3_small": True, "efficientnet_b0": True,
-    "regnet_x_400mf": True, "densenet121": True, "shufflenet_v2_x0_5": True, "googlenet": True,
-    "maxvit_t": True, "convnext_tiny": False, "vit_b_32": False, "swin_t": False,
-}
+#: one of each family (the transformers and ConvNeXt: their MLPs' hidden channels)
+FAMILIES = ["resnet18", "vgg11_bn", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
+            "densenet121", "shufflenet_v2_x0_5", "googlenet", "maxvit_t", "convnext_tiny",
+            "vit_b_32", "swin_t"]
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", FAMILIES)
 def test_family_is_sound(name: str, one_thread) -> None:
     row = check_model(name, build_model(name), zoo_input_size(name))
     assert row.error == ""
     assert row.empty_plan_changes == 0
     assert row.flops_error <= 1e-12 and row.half_flops_error <= 1e-12
     assert row.slim_error <= 1e-9 and row.convert_error <= 1e-9
-    assert (row.edges > 0) == FAMILIES[name]
-    if row.edges:
-        assert row.half_flops_ratio < 0.8
+    assert row.input_sensitivity > 1e-6  # the output depends on the input: the checks bite
+    assert row.edges > 0 and row.half_flops_ratio < 0.7

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import ChannelGroup, HyperGraph, LayerCall, Seg, Site
-from gator_hw.graph.rules import Builder, Call, Layout, rule_for
+from gator_hw.graph.rules import CHANNELS_LAST_RULES, Builder, Call, LastDim, Layout, rule_for
 
 __all__ = ["build_hypergraph", "trace"]
 
@@ -119,8 +119,15 @@ def _run_rules(gm: fx.GraphModule) -> tuple[Builder, dict[str, Layout]]:
                 out_shape=shape,
             )
             rule = rule_for(call)
+            if rule not in CHANNELS_LAST_RULES and any(
+                    isinstance(lay, LastDim) for lay in call.in_layouts):
+                rule = None  # channels-last features reach an op that cannot follow them
             layouts[node] = rule(b, call) if rule is not None else b.unknown(call)
     return b, {n.name: lay for n, lay in layouts.items() if lay is not None}
+
+
+def _channels_last(node_layouts: dict[str, Layout]) -> frozenset[str]:
+    return frozenset(n for n, lay in node_layouts.items() if isinstance(lay, LastDim))
 
 
 def _unify_shared_modules(b: Builder) -> None:
@@ -221,7 +228,7 @@ def _finalize(
     nodes = {name: seg(lay) for name, lay in node_layouts.items()}
     graph = HyperGraph(
         model_name, tuple(input_shape), tuple(groups), n_edges, calls, MappingProxyType(nodes),
-        MappingProxyType(dataflow),
+        MappingProxyType(dataflow), channels_last=_channels_last(node_layouts),
     )
     from gator_hw.accounting import network_cost  # accounting reads the graph module
 

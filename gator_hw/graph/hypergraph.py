@@ -122,6 +122,7 @@ class LayerCall:
     stride: int = 1
     in_hw: tuple[int, ...] = ()
     out_hw: tuple[int, ...] = ()
+    channels_last: bool = False  # a Linear on (batch, ..., features): channels are the last dim
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class HyperGraph:
     ``(op, module name for call_module, input node names)``, in forward order. ``fixed_flops``
     are the FLOPs per sample that ``FlopCounterMode`` counts outside ``calls`` (ops without a
     channel rule, e.g. attention matmuls): they read only frozen channels, so no plan changes
-    them.
+    them. ``channels_last`` names the nodes whose layout describes their last dim (the
+    features of a (batch, ..., features) tensor), not dim 1.
     Edge order: by the forward position of the last layer that writes the edge's channels. For
     torchvision ResNet-50 this is the GATOR order (stem, per block inner1, inner2, then each
     stage's highway after its blocks).
@@ -149,6 +151,7 @@ class HyperGraph:
     node_layouts: Mapping[str, tuple[Seg, ...]] = field(default_factory=dict)
     dataflow: Mapping[str, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
     fixed_flops: float = 0.0
+    channels_last: frozenset[str] = frozenset()  # nodes whose layout is their last dim
 
     @property
     def edges(self) -> tuple[ChannelGroup, ...]:

@@ -27,7 +27,10 @@ from torch import nn
 
 from gator_hw.errors import GatorError
 
-__all__ = ["Builder", "Call", "Layout", "Run", "Space", "channel_rule", "rule_for"]
+__all__ = [
+    "CHANNELS_LAST_RULES", "Builder", "Call", "LastDim", "Layout", "Run", "Space",
+    "channel_rule", "rule_for",
+]
 
 
 @dataclass
@@ -52,6 +55,14 @@ class Run:
 
 
 Layout = tuple[Run, ...]
+
+
+class LastDim(tuple):
+    """The layout of a channels-last tensor's last dim, ``(batch, ..., features)``: what a
+    Linear on tokens writes. Only Linear and pointwise ops pass it on; any other op freezes it
+    (see ``CHANNELS_LAST_RULES``)."""
+
+    __slots__ = ()
 
 
 @dataclass
@@ -296,20 +307,27 @@ def _linear(b: Builder, call: Call) -> Layout | None:
 
 
 def _linear_on_last_dim(b: Builder, call: Call, shape: tuple[int, ...]) -> Layout | None:
-    """A Linear on a (B, ..., C) tensor: its features are the last dim, not dim 1.
+    """A Linear on a (B, ..., C) tensor (ViT, Swin, ConvNeXt MLPs): features are the last dim.
 
-    Channels-last tensors have no channel rules yet, so every channel it touches is frozen;
-    the layer is recorded with its true feature layouts (so slimming leaves it as it is) and
-    its tokens (the dims between batch and features) as positions, so its FLOPs are exact.
+    It reads the input's last-dim layout where a Linear or a pointwise op made it (an MLP's
+    hidden channels: prunable), else a new frozen space (the tokens' features come from an op
+    without a rule: LayerNorm, a permute); whatever dim 1 carried is frozen, the dims between
+    batch and features count as positions. The output is a new channels-last space.
     """
     m = call.module
-    why = f"{call.name} is a Linear on a (batch, ..., features) tensor (channels-last)"
-    out = b.unknown(call, why)
+    x = call.in_layouts[0] if call.in_layouts else None
     tokens = math.prod(shape[1:-1])
-    feat_in = (Run(b.new_space(m.in_features, why), m.in_features),)
-    feat_out = (Run(b.new_space(m.out_features, why), m.out_features),)
-    b.record_layer(call, "linear", feat_in, feat_out, bias=m.bias is not None,
-                   spatial_in=tokens, spatial_out=tokens)
+    if isinstance(x, LastDim) and sum(r.length * r.repeat for r in x) == m.in_features:
+        feat_in: Layout = x
+    else:
+        why = f"{call.name} reads channels-last features that no channel rule follows"
+        b.freeze(x, why)
+        feat_in = LastDim((Run(b.new_space(m.in_features, why), m.in_features),))
+    out = LastDim((Run(b.new_space(m.out_features), m.out_features),))
+    b.add_site(feat_in, call.order, call.name, "in")
+    b.add_site(out, call.order, call.name, "out")
+    b.record_layer(call, "linear", feat_in, out, bias=m.bias is not None,
+                   spatial_in=tokens, spatial_out=tokens, channels_last=True)
     return out
 
 
@@ -394,8 +412,34 @@ _PASS_METHODS = tuple(
 )
 
 
+#: per-channel ops that are also per-element (no pooling, no whole-channel dropout): the only
+#: ones a channels-last layout passes through
+_POINTWISE = (
+    *(m for m in _PASS_MODULES if not issubclass(m, nn.modules.pooling._MaxPoolNd
+                                                  | nn.modules.pooling._AvgPoolNd
+                                                  | nn.modules.pooling._AdaptiveAvgPoolNd
+                                                  | nn.modules.pooling._AdaptiveMaxPoolNd
+                                                  | nn.Dropout2d)),
+    *(f for f in _PASS_FUNCTIONS if "pool" not in getattr(f, "__name__", "")
+      and f is not F.dropout2d),
+    *_PASS_METHODS,
+)
+
+
+def _pointwise(call: Call) -> bool:
+    if call.kind == "call_module":
+        return isinstance(call.module, tuple(m for m in _POINTWISE if isinstance(m, type)))
+    key = f"method:{call.target}" if call.kind == "call_method" else call.target
+    return key in _POINTWISE
+
+
 @channel_rule(*_PASS_MODULES, *_PASS_FUNCTIONS, *_PASS_METHODS)
 def _per_channel(b: Builder, call: Call) -> Layout | None:
+    x = call.in_layouts[0] if call.in_layouts else None
+    if isinstance(x, LastDim):
+        if _pointwise(call) and call.out_shape == call.in_shapes[0]:
+            return x
+        return b.unknown(call, f"{call.name} is not per-element on channels-last features")
     return b.passthrough(call)
 
 
@@ -509,3 +553,6 @@ def _getattr_like(b: Builder, call: Call) -> Layout | None:
 
 
 channel_rule(getattr, operator.getitem, "method:size", "method:dim")(_getattr_like)
+
+#: the rules that accept a channels-last (``LastDim``) input; any other op freezes it
+CHANNELS_LAST_RULES = (_linear, _per_channel, _getattr_like)
