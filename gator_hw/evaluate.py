@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gator_hw.profile.timing import TimingSpec, time_model
 
-__all__ = ["Accuracy", "LatencyComparison", "accuracy", "compare_latency"]
+__all__ = ["Accuracy", "LatencyComparison", "accuracy", "bench_converted", "compare_latency"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,14 @@ class LatencyComparison:
     def speedup(self) -> float:
         return 1.0 / self.latency_ratio
 
+    @property
+    def original_median_ms(self) -> float:
+        return sorted(self.original_ms)[len(self.original_ms) // 2]
+
+    @property
+    def converted_median_ms(self) -> float:
+        return sorted(self.converted_ms)[len(self.converted_ms) // 2]
+
     def __str__(self) -> str:
         lo, hi = self.ratio_range
         return (f"FLOPs ratio {self.flops_ratio:.3f}, latency ratio {self.latency_ratio:.3f} "
@@ -98,3 +107,21 @@ def compare_latency(original: nn.Module, converted: nn.Module, spec: TimingSpec,
         orig.append(o.median_ms)
         conv.append(c.median_ms)
     return LatencyComparison(spec, tuple(orig), tuple(conv), flops_ratio)
+
+
+def bench_converted(model_dir: str | Path, spec_options: dict, *, rounds: int = 3
+                    ) -> LatencyComparison:
+    """Time a converted model directory against its original network (random init, the same
+    architecture) under ``make_spec(model, **spec_options)``; FLOPs ratio included."""
+    from gator_hw.accounting import flop_counter_flops
+    from gator_hw.io import load, load_plan
+    from gator_hw.network import load_network
+    from gator_hw.profile.timing import make_spec
+
+    doc = load_plan(model_dir)
+    net = load_network(doc["model"], input_size=doc["input_size"], num_classes=doc["num_classes"])
+    small = load(model_dir)
+    shape = net.input_shape
+    ratio = flop_counter_flops(small, shape) / flop_counter_flops(net.model, shape)
+    spec = make_spec(doc["model"], input_size=doc["input_size"], **spec_options)
+    return compare_latency(net.model, small, spec, flops_ratio=ratio, rounds=rounds)

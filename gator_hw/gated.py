@@ -30,6 +30,34 @@ class ConvertedRun:
     source: Path
     meta: dict
 
+    @property
+    def flops_ratio(self) -> float:
+        """Converted / original FLOPs (``FlopCounterMode``, one input)."""
+        from gator_hw.accounting import flop_counter_flops
+
+        shape = self.net.input_shape
+        return flop_counter_flops(self.model, shape) / flop_counter_flops(self.net.model, shape)
+
+    @property
+    def params_ratio(self) -> float:
+        """Converted / original parameter count."""
+        return _params(self.model) / _params(self.net.model)
+
+    @property
+    def emptied(self) -> list[str]:
+        """Edges that kept no channel (their branches were folded away)."""
+        return [self.net.graph.edges[g].name for g, k in self.keep.items() if not k]
+
+    def summary(self) -> str:
+        """One line: FLOPs and params kept, branches removed, the equality check."""
+        return (f"converted {self.net.name}: FLOPs {100 * self.flops_ratio:.1f} %, params "
+                f"{100 * self.params_ratio:.1f} % of the original; {len(self.emptied)} branches "
+                f"removed; equals the gated model to {self.rel_error:.1e} (relative)")
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
 
 def load_gated(path: str | Path) -> tuple[Network, GateSet, dict, Path]:
     """Rebuild the network of a checkpoint (run folder or NAME.json) with its weights and gates."""

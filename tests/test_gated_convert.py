@@ -40,6 +40,14 @@ def test_converted_run_equals_the_gated_model(run_dir: Path) -> None:
     assert sum(kept) < sum(e.channels for e in net.graph.edges)  # something was pruned
     r = convert_checkpoint(run_dir)
     assert r.rel_error <= 1e-4
+    from gator_hw.accounting import flop_counter_flops, network_cost
+
+    widths = {g: len(k) for g, k in r.keep.items()}
+    assert r.flops_ratio == pytest.approx(
+        network_cost(net.graph, widths).flops / network_cost(net.graph).flops, rel=1e-9)
+    assert r.flops_ratio == pytest.approx(flop_counter_flops(r.model, net.input_shape)
+                                          / flop_counter_flops(net.model, net.input_shape))
+    assert r.params_ratio < 1 and f"FLOPs {100 * r.flops_ratio:.1f} %" in r.summary()
     assert sum(p.numel() for p in r.model.parameters()) < sum(
         p.numel() for p in net.model.parameters())
 

@@ -26,7 +26,6 @@ def convert_cmd(
     )] = None,
 ) -> None:
     """Remove every pruned channel for real and save model.safetensors + plan.json."""
-    from gator_hw.accounting import flop_counter_flops
     from gator_hw.gated import convert_checkpoint
     from gator_hw.io import save
 
@@ -46,15 +45,7 @@ def convert_cmd(
          input_size=net.input_size, graph=net.graph, keep=r.keep,
          provenance={"source": str(r.source), "epoch": r.meta.get("epoch"),
                      "config": r.meta.get("config"), "check_rel_error": r.rel_error})
-    shape = net.input_shape
-    ratio = flop_counter_flops(r.model, shape) / flop_counter_flops(net.model, shape)
-    params = sum(p.numel() for p in r.model.parameters())
-    params0 = sum(p.numel() for p in net.model.parameters())
-    emptied = [net.graph.edges[g].name for g, k in r.keep.items() if not k]
-    console.print(f"converted {net.name}: FLOPs {100 * ratio:.1f} %, params "
-                  f"{100 * params / params0:.1f} % of the original; "
-                  f"{len(emptied)} branches removed")
-    console.print(f"equals the gated model to {r.rel_error:.1e} (relative)")
+    console.print(r.summary())
     console.print(f"saved to [bold]{out}[/] (load with gator_hw.load)")
 
 
@@ -121,32 +112,13 @@ def bench_cmd(
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
 ) -> None:
     """Time the original and the converted model side by side; print both ratios."""
-    from gator_hw.accounting import flop_counter_flops
-    from gator_hw.evaluate import compare_latency
-    from gator_hw.io import load, load_plan
-    from gator_hw.network import load_network
-    from gator_hw.profile.timing import make_spec
+    from gator_hw.evaluate import bench_converted
 
-    doc = load_plan(model_dir)
-    net = load_network(
-        doc["model"], input_size=doc["input_size"], num_classes=doc["num_classes"]
-    )
-    small = load(model_dir)
-    shape = net.input_shape
-    ratio = flop_counter_flops(small, shape) / flop_counter_flops(net.model, shape)
-    spec = make_spec(
-        doc["model"],
-        device=device,
-        batch=batch_size,
-        input_size=doc["input_size"],
-        dtype=dtype,
-        channels_last=channels_last,
-        eager=eager,
-        threads=threads,
-    )
-    result = compare_latency(net.model, small, spec, flops_ratio=ratio, rounds=rounds)
-    console.print(f"original  {sorted(result.original_ms)[rounds // 2]:.4g} ms")
-    console.print(f"converted {sorted(result.converted_ms)[rounds // 2]:.4g} ms")
+    result = bench_converted(model_dir, dict(
+        device=device, batch=batch_size, dtype=dtype, channels_last=channels_last, eager=eager,
+        threads=threads), rounds=rounds)
+    console.print(f"original  {result.original_median_ms:.4g} ms")
+    console.print(f"converted {result.converted_median_ms:.4g} ms")
     console.print(str(result))
 
 
