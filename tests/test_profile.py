@@ -602,3 +602,31 @@ def test_cuda_failures_map_to_one_line_errors_with_the_fix():
     assert cuda_error(RuntimeError("operation not permitted when stream is capturing"),
                       spec, graph=False) is None
     assert cuda_error(RuntimeError("index out of range"), spec, graph=True) is None
+
+
+def test_a_resumed_round_pairs_with_a_baseline_of_its_own_process(tiny, tmp_path):
+    """Not interleaved (as on CUDA): the process that resumes a round runs at another speed
+    (other clocks, other cudnn choices); pairing with the first process's baseline would
+    turn that speed change into savings."""
+    out = tmp_path / "pair.csv"
+    request = _request(tiny, rounds=2, interleave=False)
+    n = {"cells": 0}
+
+    def stop_after_3(cell: Cell, done: int, total: int) -> None:
+        n["cells"] += 1
+        if n["cells"] == 3:  # round 0: the baseline and two edges
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(request, out, progress=False, measure=FakeMeasure(), on_cell=stop_after_3)
+    second = FakeMeasure(speeds=(1.3,))
+    result = run(request, out, progress=False, measure=second)
+    assert second.calls.count("full") == 2  # round 0 again, round 1
+    t = result.table
+    assert len(t[(t["kind"] == "baseline") & (t["round"] == 0)]) == 2
+    net = load_network(tiny, input_size=16)
+    full = fake_ms(net.model)
+    by_id = {v.vid: v for v in build_variants(net.graph, request.fractions)}
+    for row in t[t["kind"] == "edge"].itertuples():
+        true = 100 * (1 - fake_ms(runner_mod._build(net, by_id[row.variant])) / full)
+        assert row.saving_pct == pytest.approx(true, abs=1e-6), row.variant

@@ -26,6 +26,7 @@ import json
 import random
 import statistics
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,15 @@ class _Store:
         self.cells[cell.key] = cell
         self.save()
 
+    def done(self, rnd: int, vid: str, session: str | None = None) -> bool:
+        """Whether the store holds variant ``vid`` of round ``rnd`` (timed in ``session``)."""
+        return any(c.round == rnd and c.variant == vid and session in (None, c.session)
+                   for c in self.cells.values())
+
+    def cell(self, rnd: int, vid: str) -> Cell:
+        """The latest cell of variant ``vid`` in round ``rnd``."""
+        return [c for c in self.cells.values() if c.round == rnd and c.variant == vid][-1]
+
     def save(self) -> None:
         write_json(
             self.path,
@@ -309,9 +319,28 @@ def _build(net: Network, variant: Variant):
     return slim(net.model, graph, graph.first_channels_plan(variant.narrowed(graph)))
 
 
+def _todo(plan: list[tuple[int, Variant]], store: _Store, session: str, interleave: bool
+          ) -> list[tuple[int, Variant]]:
+    """The cells to time now: every unfinished one, and, where cells pair with their round's
+    baseline (not interleaved), that baseline again first in each round left unfinished by an
+    earlier process (its cudnn choices and clocks were another's)."""
+    todo = [(r, v) for r, v in plan if not store.done(r, v.vid)]
+    if interleave:
+        return todo
+    left = {(r, v.vid) for r, v in todo if v.kind != "baseline"}
+    open_rounds = {r for r, _ in left}
+
+    def wanted(r: int, v: Variant) -> bool:
+        if v.kind == "baseline":
+            return r in open_rounds and not store.done(r, v.vid, session)
+        return (r, v.vid) in left
+
+    return [(r, v) for r, v in plan if wanted(r, v)]
+
+
 def _measure_cell(
     net: Network, variant: Variant, rnd: int, spec: TimingSpec, measure: Measure,
-    reference: nn.Module | None = None,
+    reference: nn.Module | None = None, session: str = "",
 ) -> Cell:
     """Time one cell; interleaved with ``reference`` (the full net) unless it is the baseline."""
     t0 = time.perf_counter()
@@ -325,7 +354,7 @@ def _measure_cell(
         res = min(res, again, key=lambda m: m.noise)
         flags = ("remeasured",)
     return Cell(rnd, variant.vid, res.times_s, res.number, flags, time.perf_counter() - t0,
-                res.ref_times_s)
+                res.ref_times_s, session)
 
 
 def _preflight(net: Network, spec: TimingSpec) -> None:
@@ -460,8 +489,9 @@ def run(
     )
     store = _Store(cells_path(path), spec, request.num_classes)
     plan = schedule(variants, request.rounds, request.seed)
-    todo = [(r, v) for r, v in plan if (r, v.vid) not in store.cells]
-    reused = len(plan) - len(todo)
+    session = uuid.uuid4().hex[:12]
+    todo = _todo(plan, store, session, spec.interleave)
+    reused = len(plan) - sum(1 for r, v in todo if not store.done(r, v.vid))
     if todo:
         _preflight(net, spec)
     checks, warnings = _regime_check(net, spec, store, measure)
@@ -469,15 +499,15 @@ def run(
     timed = 0
     try:
         with _progress(progress) as bar:
-            task = bar.add_task(spec.model, total=len(plan), completed=reused, cell="")
+            task = bar.add_task(spec.model, total=reused + len(todo), completed=reused, cell="")
             for r, v in todo:
                 bar.update(task, cell=f"round {r} {v.vid}")
-                cell = _measure_cell(net, v, r, spec, measure, reference)
+                cell = _measure_cell(net, v, r, spec, measure, reference, session)
                 store.add(cell)
                 timed += 1
                 bar.advance(task)
                 if on_cell is not None:
-                    on_cell(cell, reused + timed, len(plan))
+                    on_cell(cell, reused + timed, reused + len(todo))
     except KeyboardInterrupt:
         if log is not None:
             log(
@@ -486,10 +516,11 @@ def run(
             )
         raise
     table = build_table(net.graph, variants, store.cells.values(), spec)
+    kinds = {v.vid: v.kind for v in variants}
     noisy = table[table["noisy"]]
     warnings += [
         f"round {row.round} {row.variant}: still noisy after re-measuring "
-        f"({store.cells[(row.round, row.variant)].result(spec).noise_text})"
+        f"({store.cell(row.round, row.variant).result(spec).noise_text})"
         for row in noisy.itertuples()
     ]
     extra = {
@@ -503,11 +534,8 @@ def run(
         "pair_noise_floor": _pair_noise(store.cells.values(), spec),
         "cell_wall_s": {
             kind: round(
-                sum(
-                    store.cells[(r, v.vid)].wall_s
-                    for r, v in plan
-                    if v.kind == kind and (r, v.vid) in store.cells
-                ),
+                sum(c.wall_s for c in store.cells.values()
+                    if c.variant in kinds and kinds[c.variant] == kind),
                 3,
             )
             for kind in ("baseline", "edge", "random")

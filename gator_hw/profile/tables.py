@@ -116,10 +116,12 @@ class Cell:
     flags: tuple[str, ...] = ()
     wall_s: float = 0.0
     ref_times_s: tuple[float, ...] = ()
+    session: str = ""  # the profiler process that timed it (a round pairs within one)
 
     @property
-    def key(self) -> tuple[int, str]:
-        return (self.round, self.variant)
+    def key(self) -> tuple[int, str, str]:
+        """Round, variant and session: a resumed round re-times its baseline in the new one."""
+        return (self.round, self.variant, self.session)
 
     def result(self, spec: TimingSpec) -> LatencyResult:
         """The measurement as a :class:`LatencyResult` of ``spec`` (for this variant)."""
@@ -136,6 +138,7 @@ class Cell:
             "flags": list(self.flags),
             "wall_s": self.wall_s,
             "ref_times_s": list(self.ref_times_s),
+            "session": self.session,
         }
 
     @classmethod
@@ -148,6 +151,7 @@ class Cell:
             tuple(str(f) for f in obj.get("flags", ())),
             float(obj.get("wall_s", 0.0)),
             tuple(float(t) for t in obj.get("ref_times_s", ())),
+            str(obj.get("session", "")),
         )
 
     def __str__(self) -> str:
@@ -189,21 +193,22 @@ def build_table(
 ) -> pd.DataFrame:
     """The tidy table of ``cells`` (see the module docstring), sorted by round then variant order.
 
-    Cells of variants not in ``variants`` are ignored; a round without a baseline cell is
-    dropped (its savings would have nothing to pair with), except for interleaved cells,
-    which carry their own baseline.
+    Cells of variants not in ``variants`` are ignored. A cell that is not interleaved pairs
+    with the baseline of its round timed in the same session (profiler process: the same
+    cudnn choices and clocks); one without such a baseline is dropped. Interleaved cells carry
+    their own baseline.
     """
     order = {v.vid: i for i, v in enumerate(variants)}
     by_id = {v.vid: v for v in variants}
     cells = sorted(
         (c for c in cells if c.variant in order), key=lambda c: (c.round, order[c.variant])
     )
-    base = {c.round: c.result(spec).median_ms for c in cells if c.variant == "full"}
+    base = {(c.round, c.session): c.result(spec).median_ms for c in cells if c.variant == "full"}
     bpe = _BYTES_PER_ELEMENT[spec.dtype]
     costs = {}
     rows = []
     for c in cells:
-        if c.round not in base and not c.ref_times_s:
+        if (c.round, c.session) not in base and not c.ref_times_s:
             continue
         v = by_id[c.variant]
         if v.vid not in costs:
@@ -211,7 +216,7 @@ def build_table(
                 graph, v.narrowed(graph), batch=spec.batch, bytes_per_element=bpe
             )
         cost, res = costs[v.vid], c.result(spec)
-        b = res.ref_median_ms if c.ref_times_s else base[c.round]
+        b = res.ref_median_ms if c.ref_times_s else base[(c.round, c.session)]
         flags = (["interleaved"] if c.ref_times_s else []) + list(c.flags)
         flags += ["noisy"] if res.noisy else []
         rows.append(
