@@ -86,6 +86,9 @@ step bench_graph 60 "$PY" -m gator_hw bench "$OUT/half" --device "$DEV" --batch-
 if [ "$DEV" = cuda ]; then  # the eager-vs-graph regime check: launch-bound or not
   step bench_eager 60 "$PY" -m gator_hw bench "$OUT/half" --device "$DEV" \
     --batch-size "$BATCH" --rounds 5 --eager
+  # ABBA-interleaved graph replays (opt-in on CUDA until this shows it agrees with bench_graph)
+  step bench_graph_abba 60 "$PY" -m gator_hw bench "$OUT/half" --device "$DEV" \
+    --batch-size "$BATCH" --rounds 5 --interleave
 fi
 
 # 6. bf16 channels-last, only with time to spare

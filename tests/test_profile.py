@@ -202,8 +202,8 @@ def test_time_model_interleaved_with_a_reference():
     assert "reference" in str(res)
     with pytest.raises(ValueError, match="pair"):
         LatencyResult(spec, (1e-3, 1e-3), 1, (1e-3,))
-    with pytest.raises(GatorError, match="--interleave is for CPU"):
-        TimingSpec(model="m", batch=1, input_size=8, regime="cuda-graph", interleave=True)
+    assert TimingSpec(model="m", batch=1, input_size=8, regime="cuda-graph",
+                      interleave=True).interleave  # ABBA on CUDA too (opt-in)
 
 
 def test_devices_and_slugs(monkeypatch):
@@ -574,8 +574,8 @@ def test_cuda_specs_replay_graphs_without_interleaving(monkeypatch):
     assert spec.regime == "cuda-graph" and not spec.interleave and spec.device == "cuda:0"
     assert default_out(spec) == Path("profiles/h100/resnet50_b32_float32.csv")
     assert make_spec("m", device="cuda", input_size=8, eager=True).regime == "cuda-eager"
-    with pytest.raises(GatorError, match="--interleave is for CPU"):
-        make_spec("m", device="cuda", input_size=8, interleave=True)
+    assert not make_spec("m", device="cuda", input_size=8).interleave
+    assert make_spec("m", device="cuda", input_size=8, interleave=True).interleave
 
 
 @cuda
@@ -584,6 +584,16 @@ def test_cuda_profile_records_regime_check(tiny, tmp_path):
     result = run(req, tmp_path / "gpu.csv", progress=False)
     check = result.metadata["regime_check"]
     assert check["graph_ms"] > 0 and check["eager_ms"] > 0 and result.metadata["cuda_graphs"]
+
+
+@cuda
+def test_cuda_interleaved_timing_pairs_blocks(tiny):
+    from gator_hw.profile.timing import time_model
+
+    net = load_network(tiny, input_size=16)
+    spec = make_spec(tiny, device="cuda", batch=2, input_size=16, interleave=True)
+    res = time_model(slim(net.model, net.graph, {0: [0]}), spec, reference=net.model)
+    assert len(res.times_s) == len(res.ref_times_s) == spec.repeats and res.ref_median_ms > 0
 
 
 def test_cuda_failures_map_to_one_line_errors_with_the_fix():
@@ -630,3 +640,19 @@ def test_a_resumed_round_pairs_with_a_baseline_of_its_own_process(tiny, tmp_path
     for row in t[t["kind"] == "edge"].itertuples():
         true = 100 * (1 - fake_ms(runner_mod._build(net, by_id[row.variant])) / full)
         assert row.saving_pct == pytest.approx(true, abs=1e-6), row.variant
+
+
+def test_abba_alternates_and_pairs_blocks():
+    from gator_hw.profile.timing import abba
+
+    order: list[str] = []
+
+    def block(name: str):
+        def run() -> str:
+            order.append(name)
+            return f"{name}{len(order)}"
+        return run
+
+    a, b = abba(block("A"), block("B"), 4)
+    assert "".join(order) == "BAABBAAB"
+    assert a == ["A2", "A3", "A6", "A7"] and b == ["B1", "B4", "B5", "B8"]

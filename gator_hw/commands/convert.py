@@ -110,13 +110,17 @@ def bench_cmd(
     eager: Annotated[bool, typer.Option(help="On CUDA, time eager calls, not graphs.")] = False,
     rounds: Annotated[int, typer.Option(min=1, help="Alternating timing rounds.")] = 3,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    interleave: Annotated[bool | None, typer.Option(
+        "--interleave/--no-interleave",
+        help="Alternate blocks of the two models within each round (ABBA; default: on for "
+        "CPU, off for CUDA).")] = None,
 ) -> None:
     """Time the original and the converted model side by side; print both ratios."""
     from gator_hw.evaluate import bench_converted
 
     result = bench_converted(model_dir, dict(
         device=device, batch=batch_size, dtype=dtype, channels_last=channels_last, eager=eager,
-        threads=threads), rounds=rounds)
+        threads=threads, interleave=interleave), rounds=rounds)
     console.print(f"original  {result.original_median_ms:.4g} ms")
     console.print(f"converted {result.converted_median_ms:.4g} ms")
     console.print(str(result))

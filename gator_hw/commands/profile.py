@@ -126,9 +126,9 @@ def profile_cmd(
         bool | None,
         typer.Option(
             "--interleave/--no-interleave",
-            help="On CPU, pair every variant's timed blocks with blocks of the full net "
-            "(ABBA) so a machine changing speed cancels out (default: on for CPU; "
-            "doubles the time).",
+            help="Pair every variant's timed blocks with blocks of the full net (ABBA) so a "
+            "machine changing speed or clocks cancels out (default: on for CPU, off for CUDA "
+            "until measured there; doubles the time).",
         ),
     ] = None,
     threads: Annotated[

@@ -22,6 +22,10 @@ dtype and memory layout, in eval mode under ``torch.inference_mode()``:
   forward with ``torch.cuda.graph``, then ``repeats`` blocks of back-to-back replays, each
   block bracketed by CUDA events and synchronised once at the end. Launch overhead is gone,
   so the numbers are the GPU's own time for the kernels.
+* **CUDA, interleaved** (``--interleave`` on CUDA, opt-in until measured on a GPU): both
+  graphs (or eager callers) are prepared first, then the blocks of the model and of the
+  reference alternate in ABBA order, all recorded with events and synchronised once: clock
+  drift over a cell moves both alike, as on the CPU.
 * **CUDA, eager** (regime ``cuda-eager``): the same, with plain ``model(x)`` calls. For small
   or narrow networks this is launch-bound: the CPU cannot issue kernels as fast as the GPU
   runs them, and narrowing a layer saves nothing.
@@ -40,6 +44,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +53,8 @@ from torch import nn
 from gator_hw.errors import GatorError
 from gator_hw.profile.device import cpu_name, device_info, device_slug
 from gator_hw.profile.spec import DTYPES, REGIMES, TimingSpec, make_spec, resolve_device
+
+T = TypeVar("T")
 
 __all__ = [
     "DTYPES",
@@ -259,6 +266,22 @@ def _block(model: nn.Module, x: torch.Tensor, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def abba(block_a: Callable[[], T], block_b: Callable[[], T], repeats: int
+         ) -> tuple[list[T], list[T]]:
+    """``repeats`` blocks of each in ABBA order (B A, A B, B A, ...): drift over the run hits
+    both alike. Returns the blocks' results, A's then B's."""
+    a: list[T] = []
+    b: list[T] = []
+    for i in range(repeats):
+        if i % 2 == 0:
+            b.append(block_b())
+            a.append(block_a())
+        else:
+            a.append(block_a())
+            b.append(block_b())
+    return a, b
+
+
 def _time_cpu_interleaved(
     model: nn.Module, reference: nn.Module, x: torch.Tensor, spec: TimingSpec
 ) -> tuple[list[float], list[float], int]:
@@ -267,15 +290,8 @@ def _time_cpu_interleaved(
         max(1, math.ceil(spec.min_block_s / _warm_per_call(m, x, spec.warmup)))
         for m in (model, reference)
     ]
-    times: list[float] = []
-    ref: list[float] = []
-    for i in range(spec.repeats):
-        if i % 2 == 0:
-            ref.append(_block(reference, x, calls[1]))
-            times.append(_block(model, x, calls[0]))
-        else:
-            times.append(_block(model, x, calls[0]))
-            ref.append(_block(reference, x, calls[1]))
+    times, ref = abba(lambda: _block(model, x, calls[0]), lambda: _block(reference, x, calls[1]),
+                      spec.repeats)
     return times, ref, calls[0]
 
 
@@ -303,10 +319,11 @@ def cuda_error(exc: BaseException, spec: TimingSpec, *, graph: bool) -> GatorErr
 
 
 def _time_cuda(
-    model: nn.Module, x: torch.Tensor, spec: TimingSpec, *, graph: bool
-) -> tuple[list[float], int]:
+    model: nn.Module, x: torch.Tensor, spec: TimingSpec, *, graph: bool,
+    reference: nn.Module | None = None,
+) -> tuple[list[float], list[float], int]:
     try:
-        return _time_cuda_unchecked(model, x, spec, graph=graph)
+        return _time_cuda_unchecked(model, x, spec, graph=graph, reference=reference)
     except RuntimeError as exc:  # OutOfMemoryError is one too
         mapped = cuda_error(exc, spec, graph=graph)
         if mapped is None:
@@ -324,50 +341,70 @@ def _warm_for(call: Callable[[], object], seconds: float) -> None:
         n = min(2 * n, 1024)
 
 
+def _cuda_caller(model: nn.Module, x: torch.Tensor, spec: TimingSpec, graph: bool
+                 ) -> tuple[Callable[[], object], object]:
+    """Warm ``model`` up on a side stream (cudnn autotunes there) and return one forward as a
+    call: a CUDA-graph replay, or ``model(x)`` eager; plus the graph to keep alive."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(spec.warmup):
+            model(x)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if not graph:
+        return (lambda: model(x)), None
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        model(x)
+    return cuda_graph.replay, cuda_graph
+
+
+def _events(call: Callable[[], object], n: int) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    """``n`` calls bracketed by CUDA events (recorded, not waited for)."""
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        call()
+    end.record()
+    return start, end
+
+
+def _calls_per_block(call: Callable[[], object], spec: TimingSpec) -> int:
+    call()  # the first replay / call after capture is not timed
+    _warm_for(call, CUDA_WARM_S)
+    start, end = _events(call, 3)
+    end.synchronize()
+    per_call_s = start.elapsed_time(end) / 3 / 1e3
+    return max(1, math.ceil(spec.min_block_s / max(per_call_s, 1e-9)))
+
+
 def _time_cuda_unchecked(
-    model: nn.Module, x: torch.Tensor, spec: TimingSpec, *, graph: bool
-) -> tuple[list[float], int]:
-    device = spec.torch_device
-    with torch.cuda.device(device):
-        torch.cuda.synchronize()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up (and cudnn autotune) off the default stream
-            for _ in range(spec.warmup):
-                model(x)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        cuda_graph: torch.cuda.CUDAGraph | None = None
-        if graph:
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
-                model(x)
-            call: Callable[[], object] = cuda_graph.replay
+    model: nn.Module, x: torch.Tensor, spec: TimingSpec, *, graph: bool,
+    reference: nn.Module | None = None,
+) -> tuple[list[float], list[float], int]:
+    """Per-call times of ``repeats`` blocks, one sync at the end; with ``reference``, its
+    blocks alternate with the model's in ABBA order (both graphs captured first)."""
+    with torch.cuda.device(spec.torch_device):
+        call, keep = _cuda_caller(model, x, spec, graph)
+        ref_call, ref_keep = (_cuda_caller(reference, x, spec, graph) if reference is not None
+                              else (None, None))
+        number = _calls_per_block(call, spec)
+        if ref_call is None:
+            events, ref_events = [_events(call, number) for _ in range(spec.repeats)], []
+            ref_number = 1
         else:
-
-            def call() -> object:
-                return model(x)
-
-        def timed(n: int) -> tuple[torch.cuda.Event, torch.cuda.Event]:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(n):
-                call()
-            end.record()
-            return start, end
-
-        call()  # first replay / call after capture is not timed
-        _warm_for(call, CUDA_WARM_S)
-        start, end = timed(3)
-        end.synchronize()
-        per_call_s = start.elapsed_time(end) / 3 / 1e3
-        number = max(1, math.ceil(spec.min_block_s / max(per_call_s, 1e-9)))
-        events = [timed(number) for _ in range(spec.repeats)]  # back to back, one sync
+            ref_number = _calls_per_block(ref_call, spec)
+            _warm_for(call, CUDA_WARM_S)  # the model idled while the reference was measured
+            events, ref_events = abba(lambda: _events(call, number),
+                                      lambda: _events(ref_call, ref_number), spec.repeats)
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) / 1e3 / number for s, e in events]
-        del cuda_graph
-    return times, number
+        ref = [s.elapsed_time(e) / 1e3 / ref_number for s, e in ref_events]
+        del keep, ref_keep
+    return times, ref, number
 
 
 def _prepare(model: nn.Module, spec: TimingSpec, seed: int) -> tuple[nn.Module, torch.Tensor]:
@@ -415,12 +452,13 @@ def time_model(
         torch_settings(model=reference if paired else None),
         torch.inference_mode(),
     ):
-        if paired:
+        if paired and spec.regime == "cpu":
             times, ref, number = _time_cpu_interleaved(model, reference, x, spec)
         elif spec.regime == "cpu":
             times, number = _time_cpu(model, x, spec)
         else:
-            times, number = _time_cuda(model, x, spec, graph=spec.regime == "cuda-graph")
+            times, ref, number = _time_cuda(model, x, spec, graph=spec.regime == "cuda-graph",
+                                            reference=reference if paired else None)
     return LatencyResult(
         spec, tuple(float(t) for t in times), number, tuple(float(t) for t in ref)
     )
