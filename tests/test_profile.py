@@ -656,3 +656,24 @@ def test_abba_alternates_and_pairs_blocks():
     a, b = abba(block("A"), block("B"), 4)
     assert "".join(order) == "BAABBAAB"
     assert a == ["A2", "A3", "A6", "A7"] and b == ["B1", "B4", "B5", "B8"]
+
+
+def test_gpu_state_is_read_through_nvml_and_kept_with_the_cell(monkeypatch):
+    from gator_hw.profile.device import gpu_state
+    from gator_hw.profile.runner import _clock_range
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda d=None: 1980)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda d=None: 350_000)  # mW
+    monkeypatch.setattr(torch.cuda, "temperature", lambda d=None: 41)
+    state = gpu_state("cuda:0")
+    assert state == {"sm_clock_mhz": 1980.0, "power_w": 350.0, "temperature_c": 41.0}
+    cell = Cell(0, "full", (1e-3,), gpu={"before": state, "after": {**state,
+                                                                      "sm_clock_mhz": 1755.0}})
+    back = Cell.from_json(json.loads(json.dumps(cell.to_json())))
+    assert back == cell and _clock_range([back, Cell(1, "full", (1e-3,))]) == [1755.0, 1980.0]
+
+    def no_nvml(d=None):
+        raise ModuleNotFoundError("pynvml")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    assert gpu_state("cuda:0") == {} and _clock_range([Cell(0, "full", (1e-3,))]) is None

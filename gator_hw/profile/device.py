@@ -14,7 +14,7 @@ import torch
 if TYPE_CHECKING:
     from gator_hw.profile.spec import TimingSpec
 
-__all__ = ["cpu_name", "device_info", "device_slug"]
+__all__ = ["cpu_name", "device_info", "device_slug", "gpu_state"]
 
 
 def cpu_name() -> str:
@@ -111,3 +111,18 @@ def device_info(spec: TimingSpec) -> dict:
     else:
         info["mkldnn"] = torch.backends.mkldnn.is_available()
     return info
+
+
+def gpu_state(device: object) -> dict[str, float]:
+    """SM clock (MHz), power draw (W) and temperature (C) of a CUDA device read through NVML
+    (``torch.cuda.clock_rate`` and friends); empty where NVML is not available."""
+    import torch
+
+    out: dict[str, float] = {}
+    for key, fn, scale in (("sm_clock_mhz", "clock_rate", 1.0), ("power_w", "power_draw", 1e-3),
+                           ("temperature_c", "temperature", 1.0)):
+        try:
+            out[key] = float(getattr(torch.cuda, fn)(device)) * scale
+        except Exception:  # no pynvml / NVML, or a MIG slice that hides it: nothing to record
+            return {}
+    return out

@@ -47,6 +47,7 @@ from gator_hw.atomic import write_json
 from gator_hw.errors import GatorError
 from gator_hw.models import default_input_size
 from gator_hw.network import Network, load_network
+from gator_hw.profile.device import gpu_state
 from gator_hw.profile.tables import (
     OUTLIER_RATIO,
     Cell,
@@ -319,6 +320,13 @@ def _build(net: Network, variant: Variant):
     return slim(net.model, graph, graph.first_channels_plan(variant.narrowed(graph)))
 
 
+def _clock_range(cells: Iterable[Cell]) -> list[float] | None:
+    """Lowest and highest SM clock NVML read around the cells (None without NVML)."""
+    clocks = [side["sm_clock_mhz"] for c in cells for side in c.gpu.values()
+              if "sm_clock_mhz" in side]
+    return [min(clocks), max(clocks)] if clocks else None
+
+
 def _todo(plan: list[tuple[int, Variant]], store: _Store, session: str, interleave: bool
           ) -> list[tuple[int, Variant]]:
     """The cells to time now: every unfinished one, and, where cells pair with their round's
@@ -344,6 +352,8 @@ def _measure_cell(
 ) -> Cell:
     """Time one cell; interleaved with ``reference`` (the full net) unless it is the baseline."""
     t0 = time.perf_counter()
+    on_gpu = spec.torch_device.type == "cuda"
+    before = gpu_state(spec.torch_device) if on_gpu else {}
     model = _build(net, variant)
     vspec = spec.for_variant(variant.vid)
     kw = {"reference": reference} if reference is not None and variant.kind != "baseline" else {}
@@ -353,8 +363,10 @@ def _measure_cell(
         again = measure(model, vspec, **kw)
         res = min(res, again, key=lambda m: m.noise)
         flags = ("remeasured",)
+    after = gpu_state(spec.torch_device) if before else {}
+    gpu = {"before": before, "after": after} if before and after else {}
     return Cell(rnd, variant.vid, res.times_s, res.number, flags, time.perf_counter() - t0,
-                res.ref_times_s, session)
+                res.ref_times_s, session, gpu)
 
 
 def _preflight(net: Network, spec: TimingSpec) -> None:
@@ -532,6 +544,7 @@ def run(
         "timed_cells": timed,
         "reused_cells": reused,
         "pair_noise_floor": _pair_noise(store.cells.values(), spec),
+        "sm_clock_mhz": _clock_range(store.cells.values()),
         "cell_wall_s": {
             kind: round(
                 sum(c.wall_s for c in store.cells.values()

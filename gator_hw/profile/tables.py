@@ -40,7 +40,7 @@ import csv
 import datetime as _dt
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,7 @@ class Cell:
     wall_s: float = 0.0
     ref_times_s: tuple[float, ...] = ()
     session: str = ""  # the profiler process that timed it (a round pairs within one)
+    gpu: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # NVML before/after
 
     @property
     def key(self) -> tuple[int, str, str]:
@@ -139,6 +140,7 @@ class Cell:
             "wall_s": self.wall_s,
             "ref_times_s": list(self.ref_times_s),
             "session": self.session,
+            "gpu": {k: dict(v) for k, v in self.gpu.items()},
         }
 
     @classmethod
@@ -152,6 +154,8 @@ class Cell:
             float(obj.get("wall_s", 0.0)),
             tuple(float(t) for t in obj.get("ref_times_s", ())),
             str(obj.get("session", "")),
+            {str(k): {str(a): float(b) for a, b in v.items()}
+             for k, v in dict(obj.get("gpu", {})).items()},
         )
 
     def __str__(self) -> str:
