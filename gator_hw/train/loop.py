@@ -33,35 +33,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from gator_hw.atomic import write_json, write_text
-from gator_hw.budget import Budget, BudgetSchedule, BudgetTarget, check_feasible
-from gator_hw.config import GatingConfig, read_config
+from gator_hw.budget import Budget, BudgetSchedule
 from gator_hw.errors import GatorError
 from gator_hw.gates import GateSet
-from gator_hw.graph.cuts import min_keep_counts
-from gator_hw.loss import COST_SOURCES, CostCriterion, gate_param_groups, refresh_gate_groups
-from gator_hw.network import Network, load_network
+from gator_hw.loss import COST_SOURCES, gate_param_groups, refresh_gate_groups
 from gator_hw.train.calibration import CALIBRATE_MODES, Calibrator, calibration_spec
 from gator_hw.train.checkpoint import (
-    Checkpoint,
-    check_signature,
-    load_checkpoint,
     model_signature,
 )
-from gator_hw.train.data import Datasets, load_data
 from gator_hw.train.distributed import (
-    Dist,
     check_masks,
-    check_parallel,
-    init_dist,
     reduce_sum,
-    world_size,
 )
 from gator_hw.train.norms import recalibrate_norms, recalibrated_norms
-from gator_hw.train.order import EpochOrder
 from gator_hw.train.progress import StepProgress
+from gator_hw.train.setup import Run, loaders, prepare
 from gator_hw.train.state import EpochTally, restore
 from gator_hw.train.state import save as save_state
 
@@ -84,8 +73,6 @@ SCHEDULES: tuple[str, ...] = ("cosine", "step")
 #: Training batches that re-estimate batch-norm statistics for the deterministic gates.
 NORM_BATCHES = 16
 
-#: Files whose presence marks a folder as holding a run (never overwritten without --resume).
-_RUN_FILES = ("log.csv", "last.json")
 
 
 @dataclass(frozen=True)
@@ -261,94 +248,10 @@ def accumulate_gradients(
 
 
 # ---------------------------------------------------------------------- the run
-@dataclass
-class _Run:
-    settings: TrainSettings
-    net: Network
-    data: Datasets
-    config: GatingConfig
-    criterion: CostCriterion
-    target: BudgetTarget | None
-    out: Path
-    checkpoint: Checkpoint | None
-    dist: Dist
-    device: torch.device
-
-
-def _prepare(s: TrainSettings, log: Callable[[str], None] = print) -> _Run:
-    """Validate every input before anything is written (GatorError on the first problem)."""
-    s.check()
-    check_parallel(s.batch_size, s.subdivision, s.device, world_size())
-    d, device = init_dist(s.device)
-    config = read_config(s.config)
-    target = BudgetTarget.parse(s.target) if s.target else None
-    ckpt = load_checkpoint(s.resume) if s.resume else None
-    out = Path(s.out) if s.out else (ckpt.path.parent if ckpt else None)
-    if out is None:
-        raise GatorError("pass --out DIR for the run folder (or --resume a checkpoint)")
-    if ckpt is None and any((out / f).exists() for f in _RUN_FILES):
-        raise GatorError(
-            f"{out} already holds a run; pass --resume {out} to continue it or a new --out"
-        )
-    size = s.input_size
-    if size is None:
-        from gator_hw.models import default_input_size
-
-        size = default_input_size(s.model)
-    data = load_data(s.data, size, seed=s.seed)
-    if s.num_classes is not None and s.num_classes != data.num_classes:
-        raise GatorError(
-            f"--num-classes {s.num_classes} but {data.spec} has {data.num_classes} classes; "
-            "drop --num-classes or use matching data"
-        )
-    net = load_network(
-        s.model, input_size=size, num_classes=data.num_classes, weights=s.weights, seed=s.seed,
-        log=log,
-    )
-    if net.num_classes != data.num_classes:
-        raise GatorError(
-            f"{s.model} has {net.num_classes} outputs but {data.spec} has {data.num_classes} "
-            "classes; build it with matching --num-classes"
-        )
-    criterion = CostCriterion(net.graph, config, cost_source=s.cost_source)
-    if target is not None:
-        check_feasible(target, criterion, min_keep_counts(net.graph))
-    if ckpt is not None:
-        check_signature(ckpt.meta, net.graph, str(ckpt.path))
-    return _Run(s, net, data, config, criterion, target, out, ckpt, d, device)
-
-
-def _loaders(run: _Run) -> tuple[DataLoader, DataLoader, EpochOrder]:
-    """Train loader (its order set per epoch by the returned :class:`EpochOrder`) and val."""
-    s, d = run.settings, run.dist
-    per_rank = s.batch_size // d.world  # check_parallel: divides, and >= subdivision
-    order = EpochOrder(run.data.train, s.seed, d.rank, d.world)
-    vsampler = (
-        DistributedSampler(run.data.val, d.world, d.rank, shuffle=False) if d.enabled else None
-    )
-    pin = run.device.type == "cuda"
-    kw = {"num_workers": s.workers, "pin_memory": pin, "persistent_workers": s.workers > 0}
-    train = DataLoader(
-        run.data.train,
-        per_rank,
-        sampler=order,
-        drop_last=True,
-        generator=order.loader_generator,
-        **kw,
-    )
-    if len(train) == 0:
-        raise GatorError(
-            f"--batch-size {s.batch_size} is larger than the {len(run.data.train)} training "
-            "images; use a smaller batch"
-        )
-    val = DataLoader(run.data.val, per_rank, shuffle=False, sampler=vsampler, **kw)
-    return train, val, order
-
-
 class _Trainer:
     """Holds the live objects of one run; every method is one phase of an epoch."""
 
-    def __init__(self, run: _Run, log: Callable[[str], None],
+    def __init__(self, run: Run, log: Callable[[str], None],
                  progress: StepProgress | None = None) -> None:
         self.run, self.s, self.log = run, run.settings, log
         self.progress = progress or StepProgress()
@@ -360,7 +263,7 @@ class _Trainer:
         self.gates.attach(self.model, run.net.graph)
         self.module = GatedNet(self.model, self.gates)
         self.criterion = run.criterion.to(self.device)
-        self.train_loader, self.val_loader, self.order = _loaders(run)
+        self.train_loader, self.val_loader, self.order = loaders(run)
         self.steps_per_epoch = len(self.train_loader)
         self.budget = self._budget()
         self.calibrator = self._calibrator()
@@ -676,7 +579,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print,
     GatorError
         For any invalid input, before anything is written.
     """
-    run = _prepare(settings, log)
+    run = prepare(settings, log)
     torch.manual_seed(settings.seed + run.dist.rank)  # gate noise differs per rank
     tr = _Trainer(run, log if run.dist.main else (lambda _m: None),
                   progress if run.dist.main else None)
@@ -726,7 +629,7 @@ def train(settings: TrainSettings, log: Callable[[str], None] = print,
     return TrainResult(run.out, rows, kept, fr, met, tr.gates.kept_indices())
 
 
-def _meta_settings(s: TrainSettings, run: _Run) -> dict[str, Any]:
+def _meta_settings(s: TrainSettings, run: Run) -> dict[str, Any]:
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
         "signature": model_signature(run.net.graph),
