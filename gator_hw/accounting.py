@@ -18,6 +18,7 @@ slimmed network without building it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -154,6 +155,30 @@ def gator_units(graph: HyperGraph, cost: Cost) -> float:
     return cost.flops / 2.0 / pixels
 
 
+def _register_cpu_attention() -> None:
+    """Give ``FlopCounterMode`` the CPU flash-attention kernel it lacks (the CPU path of
+    ``F.scaled_dot_product_attention``), counted as its CUDA twin is."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    count = getattr(fc, "sdpa_flop_count", None)
+    if op is None or count is None or op in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(op, get_raw=True)
+    def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return count(query.shape, key.shape, value.shape)
+
+
+_register_cpu_attention()
+
+
+def _counted_paths() -> contextlib.AbstractContextManager:
+    """Grad mode on for a counting forward: without it ``nn.MultiheadAttention`` takes its
+    fused inference kernel, whose FLOPs ``FlopCounterMode`` does not see (ViT: a third)."""
+    return torch.enable_grad()
+
+
 def flop_counter_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward as ``torch.utils.flop_counter.FlopCounterMode`` counts them."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -164,7 +189,7 @@ def flop_counter_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with _counted_paths(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)

@@ -219,3 +219,25 @@ def test_a_gated_run_on_a_grouped_model_converts(tmp_path, one_thread) -> None:
     assert network_cost(r.net.graph, {g: len(i) for g, i in r.keep.items()}).flops <= 0.61 * (
         network_cost(r.net.graph).flops)
     assert r.rel_error <= 1e-3
+
+
+class Attention(nn.Module):
+    def __init__(self, e: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, e, 2, stride=2)
+        self.att = nn.MultiheadAttention(e, 4, batch_first=True)
+        self.head = nn.Linear(e, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.att(t, t, t, need_weights=False)[0].mean(1))
+
+
+def test_attention_flops_are_counted_although_inference_fuses_them() -> None:
+    torch.manual_seed(0)
+    m = Attention().eval()
+    g = build_hypergraph(m, SHAPE)
+    n, e = 16, 16  # tokens (8x8 input, stride 2) and embedding
+    attention = 2 * n * e * 3 * e + 2 * 2 * n * n * e + 2 * n * e * e
+    assert g.fixed_flops == attention  # the fused inference kernel would hide all of it
+    assert network_cost(g).flops == flop_counter_flops(m, SHAPE)

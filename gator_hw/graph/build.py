@@ -38,7 +38,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
         example = torch.zeros(input_shape, device=param.device if param is not None else "cpu",
                               dtype=param.dtype if param is not None else None)
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with _counted_paths(), FlopCounterMode(display=False) as counter:
                 ShapeProp(gm).propagate(example)
             gm.meta["flops"] = int(counter.get_total_flops())
         except Exception as exc:
@@ -46,6 +46,12 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
     finally:
         model.train(was_training)
     return gm
+
+
+def _counted_paths():
+    from gator_hw.accounting import _counted_paths as paths  # accounting reads the graph module
+
+    return paths()
 
 
 #: Words of torch's messages for an input the layers cannot take (the shape is the fix).
