@@ -96,6 +96,7 @@ def test_flops_include_what_ops_without_a_rule_do(token_net) -> None:
     m, g = token_net
     assert g.fixed_flops > 0  # the attention matmuls and the transposed conv
     assert network_cost(g).flops == flop_counter_flops(m, SHAPE)
+    assert network_cost(g, batch=3).flops == flop_counter_flops(m, (3, *SHAPE[1:]))
     hidden = next(e.gid for e in g.edges if e.name == "mlp1")
     plan = {0: [1, 4, 5, 9, 10], hidden: list(range(0, 24, 3))}
     small = slim(m, g, plan)
