@@ -242,3 +242,25 @@ def test_attention_flops_are_counted_although_inference_fuses_them() -> None:
     attention = 2 * n * e * 3 * e + 2 * 2 * n * n * e + 2 * n * e * e
     assert g.fixed_flops == attention  # the fused inference kernel would hide all of it
     assert network_cost(g).flops == flop_counter_flops(m, SHAPE)
+
+
+class CatPlusConv(nn.Module):
+    """``cat(a, b) + conv(...)``: the add joins two concatenated edges with one 8-channel edge,
+    whose layouts differ; all three must freeze (no sound way to prune them apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.a(x), self.b(x)], 1) + self.c(x))
+
+
+def test_an_add_of_mismatched_concatenations_freezes_both_sides() -> None:
+    g = build_hypergraph(CatPlusConv().eval(), SHAPE)
+    assert g.n_edges == 0
+    frozen = {grp.name: grp.frozen_reasons for grp in g.frozen}
+    for name in ("a", "b", "c"):
+        assert any("different channel concatenations" in r for r in frozen[name]), name
