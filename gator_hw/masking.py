@@ -16,7 +16,7 @@ from torch import nn
 
 from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph, Seg
 
-__all__ = ["expand_layout", "mask_model", "reader_layouts", "scale_inputs"]
+__all__ = ["expand_layout", "mask_model", "masked_output", "reader_layouts", "scale_inputs"]
 
 
 def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
@@ -102,3 +102,16 @@ def mask_model(
         m[torch.as_tensor(list(kept), dtype=torch.long)] = 1.0
         masks[gid] = m
     return scale_inputs(model, graph, lambda: masks)
+
+
+def masked_output(model: nn.Module, graph: HyperGraph, plan: Mapping, x: torch.Tensor
+                  ) -> torch.Tensor:
+    """``model(x)`` (no grad) with every channel not in ``plan`` zeroed where it is read: the
+    reference a slimmed or converted model must equal. ``plan`` may empty an edge."""
+    handles = mask_model(model, graph, graph.normalize_plan(plan, min_keep=0))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in handles:
+            h.remove()

@@ -26,7 +26,7 @@ from gator_hw.accounting import flop_counter_flops, network_cost
 from gator_hw.convert import convert
 from gator_hw.gates import GateSet
 from gator_hw.graph import HyperGraph, build_hypergraph
-from gator_hw.masking import mask_model
+from gator_hw.masking import masked_output
 from gator_hw.slim import slim
 
 __all__ = [
@@ -76,9 +76,10 @@ def half_plan(graph: HyperGraph) -> dict[int, list[int]]:
     return graph.first_channels_plan({e.gid: max(1, e.channels // 2) for e in graph.edges})
 
 
-def random_plan(graph: HyperGraph, seed: int = 0) -> dict[int, list[int]]:
-    """Random kept channels for every edge (1..C, balanced over conv groups)."""
-    rng = random.Random(seed)
+def random_plan(graph: HyperGraph, seed: int | random.Random = 0) -> dict[int, list[int]]:
+    """Random kept channels for every edge (1..C, balanced over conv groups); ``seed`` may be
+    a ``random.Random`` to draw from."""
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     plan = {}
     for e in graph.edges:
         n = graph.valid_keep_count(e.gid, rng.randint(1, e.channels))
@@ -124,16 +125,6 @@ def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def _masked(model: nn.Module, graph: HyperGraph, plan: dict, x: torch.Tensor) -> torch.Tensor:
-    handles = mask_model(model, graph, graph.normalize_plan(plan, min_keep=0))
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _prunable_share(graph: HyperGraph) -> float:
@@ -211,7 +202,7 @@ def _run_checks(row: ModelCheck, model: nn.Module, graph: HyperGraph, seed: int)
     row.input_sensitivity = _rel(y[0], y[1]) if len(y) > 1 else 0.0
     plan = random_plan(graph, seed)
     with torch.no_grad():
-        row.slim_error = _rel(slim(model, graph, plan)(x), _masked(model, graph, plan, x))
+        row.slim_error = _rel(slim(model, graph, plan)(x), masked_output(model, graph, plan, x))
     row.convert_error = _gated_vs_converted(model, graph, x, seed)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gator_hw.graph import HyperGraph
+from gator_hw.soundness import random_plan
 
 INPUT = (1, 3, 8, 8)
 
@@ -104,14 +105,7 @@ def build(s: NetSpec, seed: int = 0) -> RandNet:
 
 def draw_plan(graph: HyperGraph, rng: random.Random) -> dict[int, list[int]]:
     """Kept channels for every edge: 1..C of them, the same count in every conv group."""
-    plan = {}
-    for e in graph.edges:
-        n = graph.valid_keep_count(e.gid, rng.randint(1, e.channels))
-        size, per = e.channels // e.groups, n // e.groups
-        plan[e.gid] = sorted(
-            g * size + i for g in range(e.groups) for i in rng.sample(range(size), per)
-        )
-    return plan
+    return random_plan(graph, rng)
 
 
 def inputs(seed: int = 1, batch: int = 2) -> torch.Tensor:

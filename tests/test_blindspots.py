@@ -32,7 +32,7 @@ from gator_hw.export import (
 )
 from gator_hw.graph import HyperGraph, LayerCall, Seg, build_hypergraph
 from gator_hw.io import PLAN_FILE, load, save
-from gator_hw.masking import mask_model
+from gator_hw.masking import masked_output
 from gator_hw.profile.runner import ProfileRequest, _Store, cells_path, run
 from gator_hw.profile.tables import (
     Cell,
@@ -51,14 +51,6 @@ from tests.randnets import INPUT, NetSpec, build, inputs
 SPEC = TimingSpec(model="m", batch=1, input_size=8)
 
 
-def _masked_output(model: nn.Module, graph: HyperGraph, plan: dict, x: torch.Tensor):
-    handles = mask_model(model, graph, plan)
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +97,7 @@ def test_slim_of_a_flattened_concatenation_equals_masked() -> None:
     assert torch.equal(small.fc.weight, model.fc.weight[:, cols])
     x = inputs()
     with torch.no_grad():
-        torch.testing.assert_close(small(x), _masked_output(model, graph, plan, x))
+        torch.testing.assert_close(small(x), masked_output(model, graph, plan, x))
     assert network_cost(graph, {a.gid: 2, b.gid: 3}).flops == flop_counter_flops(small, INPUT)
 
 
@@ -460,7 +452,7 @@ def test_a_reduction_over_space_passes_channels_on(dims) -> None:
     x = inputs()
     with torch.no_grad():
         torch.testing.assert_close(slim(model, graph, plan)(x),
-                                   _masked_output(model, graph, plan, x))
+                                   masked_output(model, graph, plan, x))
 
 
 # ---------------------------------------------------------------------------------------------

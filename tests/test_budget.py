@@ -222,14 +222,19 @@ def test_importance_power_zero_leaves_the_allocation_to_the_cost() -> None:
     assert pruned(imp, 1.0) != flat and pruned(imp, 0.5) != pruned(imp, 1.0)
 
 
-def test_enforce_ceiling_keeps_grouped_edges_balanced_and_under_the_ceiling() -> None:
+def _grouped_gates(seed: int) -> tuple:
+    """RegNet's graph, its FLOPs criterion and gates with random positive logits."""
     g = cached_network("regnet_x_400mf", 32).graph
-    crit = CostCriterion(g, GatingConfig())
     gates = GateSet.from_graph(g, 0.9)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for t in gates.logits:
             t.copy_(torch.rand(t.shape) * 4 + 0.1)
+    return g, CostCriterion(g, GatingConfig()), gates
+
+
+def test_enforce_ceiling_keeps_grouped_edges_balanced_and_under_the_ceiling() -> None:
+    g, crit, gates = _grouped_gates(0)
     enforce_ceiling(gates, crit, "flops", 0.5)
     grouped = [e for e in g.edges if e.groups > 1]
     assert grouped
@@ -244,13 +249,8 @@ def test_enforce_ceiling_keeps_grouped_edges_balanced_and_under_the_ceiling() ->
 def test_give_back_reopens_grouped_edges_evenly() -> None:
     from gator_hw.budget import give_back
 
-    g = cached_network("regnet_x_400mf", 32).graph
-    crit = CostCriterion(g, GatingConfig())
-    gates = GateSet.from_graph(g, 0.9)
-    torch.manual_seed(1)
+    g, crit, gates = _grouped_gates(1)
     with torch.no_grad():
-        for t in gates.logits:
-            t.copy_(torch.rand(t.shape) * 4 + 0.1)
         gates.importance.copy_(torch.rand(gates.importance.shape))
     enforce_ceiling(gates, crit, "flops", 0.4)
     opened = give_back(gates, crit, "flops", 0.6)

@@ -13,19 +13,9 @@ import torch
 from gator_hw.convert import CONST_PREFIX, convert, removable_edges
 from gator_hw.errors import GatorError
 from gator_hw.io import PLAN_FILE, WEIGHTS_FILE, load, save
-from gator_hw.masking import mask_model
+from gator_hw.masking import masked_output
 from gator_hw.network import load_network
 from tests.conftest import cached_network, random_plan, randomize_norms
-
-
-def _masked(model, graph, plan, x):
-    handles = mask_model(model, graph, plan)
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _inner_edges(graph) -> list[int]:
@@ -66,7 +56,7 @@ def test_converted_equals_gated(name: str, size: int) -> None:
     with torch.no_grad():
         ref = model(x)
     gates.detach()
-    assert torch.allclose(ref, _masked(model, g, plan, x), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ref, masked_output(model, g, plan, x), rtol=1e-5, atol=1e-6)
     small = convert(model, g, keep)
     with torch.no_grad():
         out = small(x)
@@ -84,7 +74,7 @@ def test_removed_block_keeps_its_constant_and_block_zero_can_go() -> None:
     assert len(consts) == 1
     assert not hasattr(small.get_submodule("layer1.0"), "conv1")  # the branch is gone
     x = torch.randn(2, 3, 32, 32)
-    ref = _masked(model, g, plan, x)
+    ref = masked_output(model, g, plan, x)
     with torch.no_grad():
         assert torch.allclose(small(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     # dropping the constant (the original's bug) would change the output
