@@ -87,7 +87,7 @@ def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dic
             MODEL, config=cfg, data="digits", out=folder, epochs=a.epochs, lr=a.lr,
             batch_size=64, target=target, weights=weights, input_size=SIZE, seed=a.seed,
             device="cpu", round_to=a.round_to, budget_at=a.budget_at,
-            importance_power=a.importance_power, calibrate=a.calibrate,
+            importance_power=a.importance_power, gate_norm=a.gate_norm, calibrate=a.calibrate,
         )  # fmt: skip
         train(settings, log=lambda m: log(f"  {name} {m}"))
     doc = json.loads(plan.read_text())
@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--budget-at", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--importance-power", type=float, default=1.0)
+    ap.add_argument("--gate-norm", default="none", choices=("none", "edge"),
+                    help="both configs: how gate gradients compare between edges")
     ap.add_argument("--calibrate", default="auto", choices=("auto", "on", "off"),
                     help="latency runs: correct the ceiling by measuring the kept network")
     ap.add_argument("--repeats", type=int, default=3, help="bench runs per net")

@@ -54,9 +54,11 @@ from gator_hw.graph.hypergraph import HyperGraph
 
 __all__ = [
     "COST_SOURCES",
+    "GATE_NORMS",
     "METRICS",
     "CostCriterion",
     "QuadraticCost",
+    "edge_gradient_scale",
     "gate_param_groups",
     "quadratic_cost",
     "refresh_gate_groups",
@@ -68,6 +70,10 @@ METRICS: tuple[str, ...] = ("latency", "flops", "params")
 #: Where the latency cost comes from: ``auto`` (the config's cost model when it carries one,
 #: else its multipliers / factor) or ``multipliers`` (the original recipe even then).
 COST_SOURCES: tuple[str, ...] = ("auto", "multipliers")
+
+#: How the task gradients of the gate logits compare between edges: ``none`` (GATOR's, raw)
+#: or ``edge`` (divided by each edge's RMS gate gradient, :func:`edge_gradient_scale`).
+GATE_NORMS: tuple[str, ...] = ("none", "edge")
 
 #: Edge cost weights below this fraction of the mean weight are raised to it before they
 #: divide a learning rate (an edge with mu_e = 0 would otherwise get an infinite one).
@@ -236,10 +242,19 @@ class CostCriterion:
             return self.latency(n) / self.latency.full_ms
         return self.factor.weighted(n, self.mu) / self.static_total_cost
 
-    def loss(self, gates: GateSet, weight: float | None = None) -> torch.Tensor:
-        """``lambda * cost(expected open channels)`` as a scalar of the logits' dtype."""
+    def loss(self, gates: GateSet, weight: float | None = None,
+             edge_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``lambda * cost(expected open channels)`` as a scalar of the logits' dtype.
+
+        ``edge_scale`` (E,) multiplies the gradient that reaches each edge's expected width
+        (not the value): paired with learning rates divided by it, the cost still moves every
+        logit alike while the task gradients are divided by it (:func:`edge_gradient_scale`).
+        """
         lam = self.config.criteria_weight if weight is None else weight
         n = gates.expected_channels()
+        if edge_scale is not None:
+            s = edge_scale.to(n)
+            n = n * s + (n * (1.0 - s)).detach()  # value n, gradient s * d/dn
         return (lam * self.cost(n)).to(n.dtype)
 
     @torch.no_grad()
@@ -326,6 +341,31 @@ def refresh_gate_groups(
         if "edge" in g:
             g["lr_scale"] = scales[g["edge"]]
             g["weight_decay"] = weight_decay / scales[g["edge"]]
+
+
+@torch.no_grad()
+def edge_gradient_scale(gates: GateSet, clip: float = 10.0) -> torch.Tensor:
+    """Per edge, the RMS gate gradient of its live channels over their geometric mean across
+    edges, float64 ``(E,)`` clipped to ``[1/clip, clip]`` (1 where nothing is measured yet).
+
+    Gate gradients near the classifier are orders of magnitude larger than near the input, so
+    under GATOR's learning rates they, not the cost, decide which edges shrink. Dividing each
+    edge's task gradient by its scale (``--gate-norm edge``) compares channels by importance
+    *relative to their layer* per unit of cost, as the budget's projection does
+    (layer-wise normalisation, Molchanov et al. 2017).
+    """
+    rms = []
+    for e in range(len(gates)):
+        live = gates.mask(e).cpu()
+        imp = gates.edge_importance(e).detach().to(torch.float64).cpu()[live]
+        rms.append(float(imp.mean().sqrt()) if imp.numel() else 0.0)
+    r = torch.tensor(rms, dtype=torch.float64)
+    pos = r > 0
+    if not bool(pos.any()):
+        return torch.ones(len(gates), dtype=torch.float64)
+    out = torch.ones_like(r)
+    out[pos] = r[pos] / torch.exp(torch.log(r[pos]).mean())
+    return out.clamp(1.0 / clip, clip)
 
 
 def _lr_scales(weights: torch.Tensor, gamma: float) -> list[float]:

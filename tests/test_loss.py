@@ -15,6 +15,7 @@ from gator_hw.gates import GateSet
 from gator_hw.graph import build_hypergraph
 from gator_hw.loss import (
     CostCriterion,
+    edge_gradient_scale,
     gate_param_groups,
     quadratic_cost,
     refresh_gate_groups,
@@ -204,3 +205,71 @@ def test_published_configs_train_with_exactly_the_multiplied_cost(reference_dir)
         want = cfg.criteria_weight * g[e] / cfg.static_total_cost * torch.sigmoid(t) * (
             1 - torch.sigmoid(t))
         assert torch.allclose(gates.logits[e].grad.to(torch.float64), want, rtol=1e-4)
+
+
+def _with_importance(graph, per_edge):
+    gates = GateSet.from_graph(graph)
+    with torch.no_grad():
+        for e, v in enumerate(per_edge):
+            gates.edge_importance(e).fill_(v)
+    return gates
+
+
+def test_edge_gradient_scale_is_each_edges_rms_over_the_geometric_mean(tiny):
+    _, graph = tiny
+    assert edge_gradient_scale(GateSet.from_graph(graph)).tolist() == [1.0, 1.0]  # unmeasured
+    gates = _with_importance(graph, [4.0, 0.25])  # RMS 2 and 0.5: geometric mean 1
+    assert edge_gradient_scale(gates).tolist() == pytest.approx([2.0, 0.5])
+    gates.mask(0)[:2] = False  # only live channels count
+    gates.edge_importance(0)[:2] = 100.0
+    assert edge_gradient_scale(gates).tolist() == pytest.approx([2.0, 0.5])
+    clipped = edge_gradient_scale(_with_importance(graph, [1e4, 1e-4]), clip=10.0)
+    assert clipped.tolist() == pytest.approx([10.0, 0.1])
+
+
+def test_edge_scale_changes_the_cost_gradient_not_its_value(tiny):
+    _, graph = tiny
+    crit = CostCriterion(graph, GatingConfig(criteria_weight=0.5))
+    plain, scaled = _gated(graph, [0.3] * 4, [-0.2] * 6), _gated(graph, [0.3] * 4, [-0.2] * 6)
+    s = torch.tensor([3.0, 0.5], dtype=torch.float64)
+    a, b = crit.loss(plain), crit.loss(scaled, edge_scale=s)
+    assert float(a) == pytest.approx(float(b), rel=1e-12)
+    a.backward()
+    b.backward()
+    for e in range(2):
+        torch.testing.assert_close(scaled.logits[e].grad, plain.logits[e].grad * float(s[e]))
+
+
+def test_normalised_gates_keep_the_cost_push_and_divide_the_task_gradient(tiny):
+    """--gate-norm edge: learning rates gamma / (w_e s_e) and the cost gradient times s_e, so
+    the cost moves every logit exactly as under GATOR's rates, and a task gradient by 1/s_e."""
+    _, graph = tiny
+    crit = CostCriterion(graph, GatingConfig(criteria_weight=1.0))
+
+    def step(scale, task):
+        gates = _gated(graph, [0.4, 0.1, -0.3, 0.7], [0.4, 0.2, 0.9, -0.5, 0.3, 0.1])
+        w = crit.edge_weights(gates.kept_widths())
+        w = w if scale is None else w * scale
+        opt = torch.optim.SGD(gate_param_groups(gates, w, gamma=0.2, weight_decay=0.0), lr=1.0)
+        for g in opt.param_groups:
+            g["lr"] = g["lr_scale"]
+        before = [t.detach().clone() for t in gates.logits]
+        loss = crit.loss(gates, edge_scale=scale) if task is None else sum(
+            (t * k).sum() for t, k in zip(gates.logits, task, strict=True))
+        loss.backward()
+        opt.step()
+        return [b - t.detach() for b, t in zip(before, gates.logits, strict=True)]
+
+    scale = torch.tensor([3.0, 1 / 3.0], dtype=torch.float64)
+    for a, b in zip(step(None, None), step(scale, None), strict=True):
+        torch.testing.assert_close(a, b)
+    task = [torch.linspace(-1, 1, 4), torch.linspace(1, 2, 6)]
+    for e, (a, b) in enumerate(zip(step(None, task), step(scale, task), strict=True)):
+        torch.testing.assert_close(b, a / float(scale[e]))
+
+
+def test_unknown_gate_norm_is_one_line_error():
+    from gator_hw.train import TrainSettings
+
+    with pytest.raises(GatorError, match="--gate-norm must be one of none, edge"):
+        TrainSettings("resnet20", config="x", gate_norm="layer").check()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-__all__ = ["InputSize", "ModelName", "NumClasses", "console", "err_console"]
+__all__ = [
+    "BackendName", "BackendOption", "InputSize", "ModelName", "NumClasses", "console",
+    "err_console",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -27,4 +31,21 @@ InputSize = Annotated[
 ]
 NumClasses = Annotated[
     int, typer.Option("--num-classes", help="Classifier outputs of the built model.")
+]
+
+
+class BackendName(str, Enum):
+    """The runtime the forwards are timed in."""
+
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
+BackendOption = Annotated[
+    BackendName,
+    typer.Option(
+        "--backend",
+        help="Runtime to time in: torch, or onnxruntime (the network exported to ONNX, run in "
+        "an InferenceSession on the CPU, as it is deployed; pip install 'gator-hw[onnx]').",
+    ),
 ]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from gator_hw.commands.common import console
+from gator_hw.commands.common import BackendName, BackendOption, console
 
 __all__ = ["register"]
 
@@ -114,13 +114,14 @@ def bench_cmd(
         "--interleave/--no-interleave",
         help="Alternate blocks of the two models within each round (ABBA; default: on for "
         "CPU, off for CUDA).")] = None,
+    backend: BackendOption = BackendName.torch,
 ) -> None:
     """Time the original and the converted model side by side; print both ratios."""
     from gator_hw.evaluate import bench_converted
 
     result = bench_converted(model_dir, dict(
         device=device, batch=batch_size, dtype=dtype, channels_last=channels_last, eager=eager,
-        threads=threads, interleave=interleave), rounds=rounds)
+        threads=threads, interleave=interleave, backend=backend.value), rounds=rounds)
     console.print(f"original  {result.original_median_ms:.4g} ms")
     console.print(f"converted {result.converted_median_ms:.4g} ms")
     console.print(str(result))

@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gator_hw.commands.common import InputSize, ModelName, NumClasses, console, err_console
+from gator_hw.commands.common import (
+    BackendName,
+    BackendOption,
+    InputSize,
+    ModelName,
+    NumClasses,
+    console,
+    err_console,
+)
 from gator_hw.profile.runner import ProfileRequest, ProfileResult, run
 
 __all__ = ["DType", "print_summary", "register"]
@@ -147,6 +155,7 @@ def profile_cmd(
             "the GATOR CSV, .json sidecar and .cells.json resume file go beside it.",
         ),
     ] = None,
+    backend: BackendOption = BackendName.torch,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Time MODEL with each prunable edge narrowed (and random nets) on a device.
@@ -171,6 +180,7 @@ def profile_cmd(
         seed=seed,
         num_classes=num_classes,
         random_min_keep=random_min_keep,
+        backend=backend.value,
     )
     result = run(
         request,

@@ -23,6 +23,13 @@ class Schedule(str, Enum):
     step = "step"
 
 
+class GateNorm(str, Enum):
+    """How gate gradients compare between edges."""
+
+    none = "none"
+    edge = "edge"
+
+
 class CostSource(str, Enum):
     """Where the latency cost comes from."""
 
@@ -129,6 +136,12 @@ def prune_cmd(
             "the budget's pruning order (1: importance per unit of cost, HALP's; 0: cost "
             "alone decides between edges).")
     ] = 1.0,
+    gate_norm: Annotated[
+        GateNorm, typer.Option(
+            help="How gate gradients compare between edges: none (GATOR's raw gradients) or "
+            "edge (each edge's divided by its RMS, so the cost, not the distance to the "
+            "classifier, decides which layers shrink).")
+    ] = GateNorm.none,
     calibrate: Annotated[
         Calibrate, typer.Option(
             help="With --target latency=F: time the kept network on this device when the "
@@ -172,7 +185,8 @@ def prune_cmd(
         resume=resume, save_interval=save_interval, checkpoint_every=checkpoint_every,
         target=target, budget_at=budget_at,
         hold_epochs=hold_epochs, round_to=round_to, cost_source=cost.value,
-        importance_power=importance_power, calibrate=calibrate.value,
+        importance_power=importance_power, gate_norm=gate_norm.value,
+        calibrate=calibrate.value,
         gate_epochs=gate_epochs, weights=weights, input_size=input_size,
         num_classes=num_classes, workers=workers, seed=seed, device=device,
     )  # fmt: skip

@@ -23,7 +23,7 @@ __all__ = ["Samples", "file_sha256", "load_samples"]
 
 _CONTEXT_KEYS = (
     "model", "batch", "dtype", "channels_last", "device_name", "input_size", "num_classes",
-    "threads", "regime",
+    "threads", "regime", "backend",
 )
 
 
@@ -103,6 +103,7 @@ def _metadata(path: Path) -> dict:
 
 def _context(meta: dict) -> dict:
     flat = {**meta, **meta.get("spec", {}), **meta.get("device", {})}
+    flat.setdefault("backend", "torch")  # tables from before the backend was recorded
     return {k: flat.get(k) for k in _CONTEXT_KEYS}
 
 

@@ -49,6 +49,7 @@ def table_context(table: str | Path) -> dict:
         "dtype": meta.get("dtype"),
         "channels_last": meta.get("channels_last"),
         "regime": meta.get("regime"),
+        "backend": meta.get("backend", "torch"),
         "num_classes": meta.get("num_classes"),
     }
 

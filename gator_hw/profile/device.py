@@ -44,7 +44,8 @@ def device_slug(spec: TimingSpec) -> str:
     """Short folder name for a device: ``h200``, ``h100-pcie``, ``a100-sxm4``, ``rtx-4090``,
     a MIG slice as ``h100-mig-1g10gb`` (a slice is not the whole GPU), and for CPUs ``cpu-``
     and their family (``cpu-amd-epyc``, ``cpu-intel-xeon``): tables of two devices that time
-    differently never share a folder."""
+    differently never share a folder. Tables timed in ONNX Runtime get ``-ort``
+    (``cpu-amd-epyc-ort``)."""
     name = spec.device_name.lower().replace("(r)", " ").replace("(tm)", " ")
     words = [w for w in name.replace("-", " ").split() if w not in _NOISE_WORDS]
     picked: list[str] = []
@@ -57,8 +58,9 @@ def device_slug(spec: TimingSpec) -> str:
             rest = words[i + 1:]
             break
     slug = "-".join(p for p in picked if p)
+    runtime = "-ort" if getattr(spec, "backend", "torch") == "onnxruntime" else ""
     if not spec.device.startswith("cuda"):
-        return f"cpu-{slug}" if slug else "cpu"
+        return (f"cpu-{slug}" if slug else "cpu") + runtime
     form = next((w for w in rest if w in _FORM_FACTORS), None)
     slug += f"-{form}" if form else ""
     if "mig" in rest:

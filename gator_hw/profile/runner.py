@@ -90,6 +90,9 @@ Measure = Callable[..., LatencyResult]
 
 _CELLS_FORMAT = "gator-hw-profile-cells"
 
+#: Protocol fields added after cells files were first written: their value then.
+_PROTOCOL_DEFAULTS = {"backend": "torch"}
+
 
 @dataclass(frozen=True)
 class ProfileRequest:
@@ -129,6 +132,7 @@ class ProfileRequest:
         warmup: int | None = None,
         interleave: bool | None = None,
         random_min_keep: float | None = None,
+        backend: str = "torch",
     ) -> ProfileRequest:
         """Validate user options and resolve the device (GatorError on any mistake)."""
         fractions = parse_widths(widths)
@@ -158,6 +162,7 @@ class ProfileRequest:
             repeats=repeats,
             warmup=warmup,
             interleave=interleave,
+            backend=backend,
         )
         return cls(spec, fractions, round_to, random_nets, rounds, seed, num_classes,
                    random_min_keep)
@@ -275,7 +280,7 @@ class _Store:
             raise GatorError(
                 f"resume file {self.path} is corrupt; delete it to start the profile over"
             )
-        old = obj.get("protocol", {})
+        old = {**_PROTOCOL_DEFAULTS, **obj.get("protocol", {})}
         diff = [k for k in self.protocol if old.get(k) != self.protocol[k]]
         if diff:
             shown = ", ".join(f"{k} {old.get(k)!r} -> {self.protocol[k]!r}" for k in diff[:3])

@@ -15,8 +15,9 @@ import torch
 
 from gator_hw.errors import GatorError
 from gator_hw.profile.device import _device_name
+from gator_hw.profile.ort import BACKENDS
 
-__all__ = ["DTYPES", "REGIMES", "TimingSpec", "make_spec", "resolve_device"]
+__all__ = ["BACKENDS", "DTYPES", "REGIMES", "TimingSpec", "make_spec", "resolve_device"]
 
 #: dtype names accepted on the command line, with their torch dtype.
 DTYPES: dict[str, torch.dtype] = {
@@ -51,6 +52,8 @@ class TimingSpec:
     tf32 : whether float32 convs may use TF32 tensor cores (``cudnn.allow_tf32``).
     interleave : time each network in blocks alternating with a reference network's (ABBA;
         the CPU default, opt-in on CUDA).
+    backend : the runtime that runs the forwards: ``torch`` or ``onnxruntime``
+        (:mod:`gator_hw.profile.ort`).
     torch_version : ``torch.__version__``.
     variant : id of the timed network variant (``full`` for the unpruned net).
     """
@@ -70,6 +73,7 @@ class TimingSpec:
     cudnn_benchmark: bool = True
     tf32: bool = False
     interleave: bool = False
+    backend: str = "torch"
     torch_version: str = torch.__version__
     variant: str = "full"
 
@@ -83,6 +87,9 @@ class TimingSpec:
                 raise GatorError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 1:
             raise GatorError(f"warmup must be >= 1 forward, got {self.warmup}")
+        if self.backend not in BACKENDS:
+            raise GatorError(f"unknown --backend '{self.backend}'; use one of "
+                             f"{', '.join(BACKENDS)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -113,9 +120,10 @@ class TimingSpec:
     def __str__(self) -> str:
         layout = " channels-last" if self.channels_last else ""
         paired = ", interleaved" if self.interleave else ""
+        runtime = f" in {self.backend}" if self.backend != "torch" else ""
         return (
             f"{self.model} [{self.variant}] b{self.batch} {self.input_size}px "
-            f"{self.dtype}{layout} on {self.device} ({self.device_name}, {self.regime}"
+            f"{self.dtype}{layout}{runtime} on {self.device} ({self.device_name}, {self.regime}"
             f"{paired}, {self.threads} threads)"
         )
 
@@ -164,14 +172,25 @@ def make_spec(
     repeats: int | None = None,
     min_block_s: float | None = None,
     interleave: bool | None = None,
+    backend: str = "torch",
 ) -> TimingSpec:
     """Build a :class:`TimingSpec` from user options, resolving the device and its defaults.
 
     CPU defaults: 3 warm-up calls, 10 blocks of >= 50 ms, interleaved with a reference.
     CUDA defaults: 5 warm-up forwards, 10 blocks of >= 5 ms, graph replay unless ``eager``.
+    ``backend="onnxruntime"`` times float32 CPU forwards in ONNX Runtime.
     """
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
+    if backend == "onnxruntime":
+        from gator_hw.profile.ort import require_ort
+
+        require_ort()
+        if on_cuda or dtype != "float32" or channels_last:
+            raise GatorError(
+                "--backend onnxruntime times float32 contiguous networks on the CPU; use "
+                "--device cpu --dtype float32 without --channels-last, or --backend torch"
+            )
     if threads is not None and threads < 1:
         raise GatorError(f"--threads must be >= 1, got {threads}")
     return TimingSpec(
@@ -190,4 +209,5 @@ def make_spec(
         cudnn_benchmark=True,
         tf32=bool(torch.backends.cudnn.allow_tf32) if on_cuda else False,
         interleave=(not on_cuda) if interleave is None else interleave,
+        backend=backend,
     )

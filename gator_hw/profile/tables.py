@@ -398,6 +398,7 @@ def table_metadata(
         "layout": "channels_last" if spec.channels_last else "contiguous",
         "threads": spec.threads,
         "regime": spec.regime,
+        "backend": spec.backend,
         "cuda_graphs": spec.regime == "cuda-graph",
         "cudnn_benchmark": spec.cudnn_benchmark,
         "tf32": spec.tf32,
@@ -417,6 +418,10 @@ def table_metadata(
         "remeasured_cells": int(table["flags"].str.contains("remeasured").sum()),
         "outlier_cells": int(table["flags"].str.contains("outlier").sum()),
     }
+    if spec.backend == "onnxruntime":
+        from gator_hw.profile.ort import ort_info
+
+        meta["backend_info"] = ort_info()
     meta.update(extra or {})
     return meta
 

@@ -52,9 +52,13 @@ from torch import nn
 
 from gator_hw.errors import GatorError
 from gator_hw.profile.device import cpu_name, device_info, device_slug
+from gator_hw.profile.ort import OrtNet
 from gator_hw.profile.spec import DTYPES, REGIMES, TimingSpec, make_spec, resolve_device
 
 T = TypeVar("T")
+
+#: What the CPU engines time: a module, or any callable of the input (an ONNX Runtime session).
+Forward = nn.Module | Callable[[torch.Tensor], object]
 
 __all__ = [
     "DTYPES",
@@ -225,7 +229,7 @@ def torch_settings(
 # ---------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------
-def _time_cpu(model: nn.Module, x: torch.Tensor, spec: TimingSpec) -> tuple[list[float], int]:
+def _time_cpu(model: Forward, x: torch.Tensor, spec: TimingSpec) -> tuple[list[float], int]:
     # importing the benchmark utilities probes for a CUDA toolkit and warns on CPU-only hosts
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.benchmark import Timer
@@ -250,7 +254,7 @@ def _time_cpu(model: nn.Module, x: torch.Tensor, spec: TimingSpec) -> tuple[list
     return times, int(number)
 
 
-def _warm_per_call(model: nn.Module, x: torch.Tensor, warmup: int) -> float:
+def _warm_per_call(model: Forward, x: torch.Tensor, warmup: int) -> float:
     warm = []
     for _ in range(warmup):
         t0 = time.perf_counter()
@@ -259,7 +263,7 @@ def _warm_per_call(model: nn.Module, x: torch.Tensor, warmup: int) -> float:
     return min(warm)  # robust to a stall (first call, a busy neighbour)
 
 
-def _block(model: nn.Module, x: torch.Tensor, calls: int) -> float:
+def _block(model: Forward, x: torch.Tensor, calls: int) -> float:
     t0 = time.perf_counter()
     for _ in range(calls):
         model(x)
@@ -283,7 +287,7 @@ def abba(block_a: Callable[[], T], block_b: Callable[[], T], repeats: int
 
 
 def _time_cpu_interleaved(
-    model: nn.Module, reference: nn.Module, x: torch.Tensor, spec: TimingSpec
+    model: Forward, reference: Forward, x: torch.Tensor, spec: TimingSpec
 ) -> tuple[list[float], list[float], int]:
     """``repeats`` blocks of each network in ABBA order; per-call times of model and reference."""
     calls = [
@@ -452,6 +456,9 @@ def time_model(
         torch_settings(model=reference if paired else None),
         torch.inference_mode(),
     ):
+        if spec.backend == "onnxruntime":  # the same protocol around session runs
+            model = OrtNet(model, x, threads=spec.threads)
+            reference = OrtNet(reference, x, threads=spec.threads) if paired else reference
         if paired and spec.regime == "cpu":
             times, ref, number = _time_cpu_interleaved(model, reference, x, spec)
         elif spec.regime == "cpu":

@@ -89,6 +89,7 @@ def calibration_spec(
             dtype=str(ctx.get("dtype") or "float32"),
             channels_last=bool(ctx.get("channels_last")), eager=regime == "cuda-eager",
             threads=int(ctx["threads"]) if ctx.get("threads") else None,
+            backend=str(ctx.get("backend") or "torch"),
         )  # fmt: skip
         if spec.device_name != ctx["device_name"]:
             why = (f"the latency table was timed on {ctx['device_name']}, this run trains on "

@@ -39,7 +39,13 @@ from gator_hw.atomic import write_json, write_text
 from gator_hw.budget import Budget, BudgetSchedule
 from gator_hw.errors import GatorError
 from gator_hw.gates import GateSet
-from gator_hw.loss import COST_SOURCES, gate_param_groups, refresh_gate_groups
+from gator_hw.loss import (
+    COST_SOURCES,
+    GATE_NORMS,
+    edge_gradient_scale,
+    gate_param_groups,
+    refresh_gate_groups,
+)
 from gator_hw.train.calibration import CALIBRATE_MODES, Calibrator, calibration_spec
 from gator_hw.train.checkpoint import (
     model_signature,
@@ -102,6 +108,7 @@ class TrainSettings:
     round_to: int = 1
     cost_source: str = "auto"
     importance_power: float = 1.0
+    gate_norm: str = "none"
     calibrate: str = "auto"
     gate_epochs: int | None = None
     weights: str | Path | None = None  # a state dict file or a torchvision weights name
@@ -140,6 +147,9 @@ class TrainSettings:
                              f"{self.amp_dtype!r}")
         if self.calibrate not in CALIBRATE_MODES:
             raise GatorError(f"--calibrate must be one of {', '.join(CALIBRATE_MODES)}")
+        if self.gate_norm not in GATE_NORMS:
+            raise GatorError(f"--gate-norm must be one of {', '.join(GATE_NORMS)}, got "
+                             f"{self.gate_norm!r}")
         if self.cost_source not in COST_SOURCES:
             raise GatorError(f"--cost must be one of {', '.join(COST_SOURCES)}")
 
@@ -326,8 +336,15 @@ class _Trainer:
         opened = self.budget.rescale(point.scale, self.gates, self.optimizer)
         self.log(f"{where}: {point}; re-opened {opened} ch")
 
+    def _edge_scale(self) -> torch.Tensor | None:
+        """``--gate-norm edge``: each edge's gate-gradient scale (None: GATOR's raw gradients)."""
+        return edge_gradient_scale(self.gates) if self.s.gate_norm == "edge" else None
+
     def _weights(self) -> torch.Tensor:
-        return self.criterion.edge_weights(self.gates.kept_widths())
+        """Per-edge divisors of the gate learning rates: ``w_e`` (times the edge scale)."""
+        w = self.criterion.edge_weights(self.gates.kept_widths())
+        scale = self._edge_scale()
+        return w if scale is None else w * scale.to(w)
 
     def _optimizer(self) -> torch.optim.SGD:
         s = self.s
@@ -403,8 +420,8 @@ class _Trainer:
         return ge is not None and self.step >= ge * self.steps_per_epoch
 
     def _cost_term(self) -> Callable[[], torch.Tensor]:
-        lam = self.lam
-        return lambda: self.criterion.loss(self.gates, lam)
+        lam, scale = self.lam, self._edge_scale()
+        return lambda: self.criterion.loss(self.gates, lam, edge_scale=scale)
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor,
                     no_sync: Callable[[], contextlib.AbstractContextManager] | None
