@@ -18,6 +18,7 @@ On one device, end to end (every stage is cached in OUT, so a re-run resumes):
    with its range, val acc) and ``pareto.png`` (val acc vs measured latency ratio).
 
     python benchmarks/e2e_latency.py --out runs/e2e_latency [--table T.csv] [--epochs 12]
+        [--backend onnxruntime]   # profile, calibrate and bench in ONNX Runtime
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def profile_table(out: Path, random_nets: int) -> Path:
+def profile_table(out: Path, random_nets: int, backend: str = "torch") -> Path:
     path = out / "profile" / f"{MODEL}_{SIZE}px_b{BATCH}_float32.csv"
     req = ProfileRequest.create(MODEL, device="cpu", batch=BATCH, input_size=SIZE,
                                 widths="0.125,0.25,0.5,0.75", random_nets=random_nets,
                                 random_min_keep=0.05, rounds=3, threads=1,
-                                num_classes=CLASSES)
+                                num_classes=CLASSES, backend=backend)
     return run(req, path, progress=False).table_path
 
 
@@ -72,6 +73,14 @@ def configs(out: Path, table: Path, gamma: float) -> tuple[Path, Path]:
         write_config(factor_config("flops", MODEL, input_size=SIZE, num_classes=CLASSES,
                                    template=template), flops)
     return lat, flops
+
+
+def _check_backend(table: Path, backend: str) -> None:
+    """A reused table must have been timed in the runtime the nets are benched in."""
+    meta = json.loads(table.with_suffix(".json").read_text())
+    if meta.get("backend", "torch") != backend:
+        raise SystemExit(f"{table} was timed in {meta.get('backend', 'torch')}, not {backend}; "
+                         "pass --backend to match or another --table")
 
 
 def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dict:
@@ -131,8 +140,9 @@ def greedy_optimum(lat: LatencyFunction, net, flops_fraction: float) -> list[int
 
 
 def bench_all(models: dict[str, torch.nn.Module], full: torch.nn.Module, flops: dict,
-              repeats: int, rounds: int) -> dict[str, list[float]]:
-    spec = make_spec(MODEL, device="cpu", batch=BATCH, input_size=SIZE, threads=1)
+              repeats: int, rounds: int, backend: str = "torch") -> dict[str, list[float]]:
+    spec = make_spec(MODEL, device="cpu", batch=BATCH, input_size=SIZE, threads=1,
+                     backend=backend)
     torch.set_num_threads(1)
     ratios: dict[str, list[float]] = {k: [] for k in models}
     for r in range(repeats):
@@ -200,10 +210,13 @@ def main() -> None:
     ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                    help="runtime of the profile, the calibrations and the bench")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    table = a.table or profile_table(a.out, a.random_nets)
+    table = a.table or profile_table(a.out, a.random_nets, a.backend)
+    _check_backend(table, a.backend)
     lat_cfg, flops_cfg = configs(a.out, table, a.gamma)
     torch.set_num_threads(a.train_threads)
     weights = a.base_weights or a.out / "base.safetensors"
@@ -240,10 +253,12 @@ def main() -> None:
         flops[name] = float(fw / latfn.cost_model.fmap.flops(latfn.full.numpy()[None])[0])
         ref[b] = {"widths": w, "flops": flops[name],
                   "predicted": float(latfn.predict(np.array([w]))[0] / full_ms)}
-    result = {"device": latfn.cost_model.context.get("device_name"), "base_acc": base_acc,
+    device = str(latfn.cost_model.context.get("device_name"))
+    device += " in ONNX Runtime" if a.backend == "onnxruntime" else ""
+    result = {"device": device, "backend": a.backend, "base_acc": base_acc,
               "runs": runs, "reference": ref, "settings": {k: str(v) for k, v in vars(a).items()}}
     if not a.skip_bench:
-        ratios = bench_all(models, net.model, flops, a.repeats, a.rounds)
+        ratios = bench_all(models, net.model, flops, a.repeats, a.rounds, a.backend)
         for r in runs:
             r["measured_all"] = ratios[r["name"]]
         for b, v in ref.items():

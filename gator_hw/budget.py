@@ -26,8 +26,10 @@ the same share of the run at 5 or 5,000 steps per epoch:
   cost model's own prediction, staircase included (channels then close in blocks of 8 to 64
   where a single channel saves nothing). If logits crossed zero faster than the ceiling falls,
   those that crossed are re-opened, least negative first, while it stays within. So the budget
-  is met by ``reach_step`` whatever the data and the gains, no step removes more than the
-  schedule allows, and the final network lands on the budget rather than below it.
+  is met by ``reach_step`` whatever the data and the gains; a step removes at most one unit
+  more than the schedule asks (the knapsack order is kept; the schedule catches up), and
+  during the hold pruned channels come back, most important per unit of cost first
+  (:func:`give_back`), while they fit, so the final network lands on the budget from below.
 """
 
 from __future__ import annotations
@@ -388,38 +390,33 @@ def _land(
     criterion: CostCriterion, metric: str, kept: torch.Tensor, units: _Units, k: int,
     ceiling: float,
 ) -> list[int]:
-    """Channels to prune per edge (a prefix of its order): the first ``k`` units, with the
-    last one swapped for the next unit of another edge that lands closer under the ceiling,
-    then any unit that is no longer needed given back (most important per cost first)."""
+    """Channels to prune per edge (a prefix of its order): the first ``k`` units, the shortest
+    prefix of the knapsack order that reaches the ceiling, then any earlier unit that is no
+    longer needed given back (last taken first).
+
+    The last unit may take the network below the ceiling (one unit ahead of the schedule,
+    which catches up); it is never swapped for a unit of another edge that merely lands
+    closer: with a ceiling falling a little every step that swap would choose nearly every
+    unit by how little it saves, not by its importance per cost.
+    """
     per_edge: dict[int, list[int]] = {}
     for e, n in zip(units.edge.tolist(), units.size.tolist(), strict=True):
         per_edge.setdefault(e, []).append(n)
     count = [0] * len(kept)  # units taken per edge
-    for e in units.edge[: k - 1].tolist():
+    for e in units.edge[:k].tolist():
         count[e] += 1
 
     def removed(cnt: list[int]) -> list[int]:
         return [sum(per_edge.get(e, [])[:c]) for e, c in enumerate(cnt)]
 
-    def widths(cnt_list: list[list[int]]) -> torch.Tensor:
-        return torch.stack([kept - torch.tensor(removed(c), dtype=kept.dtype)
-                            for c in cnt_list])
-
-    options = []
-    for e, sizes in per_edge.items():
-        if count[e] < len(sizes):
-            c = list(count)
-            c[e] += 1
-            options.append(c)
-    fr = criterion.fraction_batch(metric, widths(options)).tolist()
-    fits = [(f, i) for i, f in enumerate(fr) if f <= ceiling + 1e-12]
-    count = options[max(fits)[1]] if fits else count  # the highest cost within the ceiling
-    order = [e for e in reversed(units.edge[:k].tolist())]
+    last = int(units.edge[k - 1])
+    order = [e for e in reversed(units.edge[: k - 1].tolist())]
     for e in dict.fromkeys(order):  # give back whole units, last taken first
-        while count[e]:
+        while count[e] > (1 if e == last else 0):
             c = list(count)
             c[e] -= 1
-            if criterion.fraction(metric, widths([c])[0]) > ceiling + 1e-12:
+            w = kept - torch.tensor(removed(c), dtype=kept.dtype)
+            if criterion.fraction(metric, w) > ceiling + 1e-12:
                 break
             count = c
     return removed(count)
@@ -606,6 +603,9 @@ class Budget:
         reopened = limit_overshoot(gates, crit, m, c, optimizer)
         gates.update_masks()
         closed = enforce_ceiling(gates, crit, m, c, self.importance_power)
+        if self.schedule.progress(step) >= 1.0 and not closed:
+            # the hold: fill up to the budget (a last unit may have landed below it)
+            reopened += give_back(gates, crit, m, c, optimizer)
         kept = gates.kept_widths()
         crit.relinearize(kept)
         expected = crit.fraction(m, gates.expected_channels().detach().cpu())
