@@ -200,7 +200,8 @@ def _changed(value: object) -> object:
         return value + 1
     if isinstance(value, float):
         return value * 2
-    return {"float32": "bfloat16", "cpu": "cuda:0"}.get(value, f"{value}-other")
+    return {"float32": "bfloat16", "cpu": "cuda:0", "torch": "onnxruntime"}.get(
+        value, f"{value}-other")
 
 
 SPEC_FIELDS = [f.name for f in dataclasses.fields(TimingSpec) if f.name != "variant"]
