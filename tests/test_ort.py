@@ -110,7 +110,7 @@ def test_profile_in_onnxruntime_checks_every_timed_variant(tiny, tmp_path, monke
                                 repeats=3, threads=1, backend="onnxruntime")
     res = run(req, tmp_path / "t.csv", progress=False)
     timed = len(res.table)
-    assert timed >= 4 and len(checked) >= 2 * timed - 1  # each variant and its paired full net
+    assert timed >= 4 and len(checked) >= timed + 1  # each variant, and the full net it pairs with
     assert max(checked) <= ORT_RTOL
     meta = json.loads(res.json_path.read_text())
     assert meta["backend"] == "onnxruntime"
@@ -147,3 +147,24 @@ def test_calibration_times_in_the_tables_runtime():
     assert spec is not None and spec.backend == "onnxruntime"
     spec, _ = calibration_spec({"context": ctx}, torch.device("cpu"))
     assert spec is not None and spec.backend == "torch"
+
+
+def test_the_reference_session_is_reused_until_the_network_changes(monkeypatch):
+    built = []
+    real_init = OrtNet.__init__
+
+    def spy(self, model, x, *, threads):
+        real_init(self, model, x, threads=threads)
+        built.append(model)
+
+    monkeypatch.setattr(OrtNet, "__init__", spy)
+    spec = make_spec("m", device="cpu", batch=2, input_size=12, threads=1, repeats=2,
+                     min_block_s=0.001, backend="onnxruntime")
+    ref = _net(seed=3)
+    for _ in range(3):
+        time_model(_net(), spec, reference=ref)
+    assert sum(m is ref for m in built) == 1 and len(built) == 4
+    with torch.no_grad():
+        ref[0].weight.mul_(2.0)  # edited in place: a new session, checked against the new net
+    time_model(_net(), spec, reference=ref)
+    assert sum(m is ref for m in built) == 2

@@ -411,6 +411,21 @@ def _time_cuda_unchecked(
     return times, ref, number
 
 
+#: The last reference network's ONNX Runtime session (the full net is the reference of every
+#: cell of a profile): key (module id, each parameter's storage and version, input shape,
+#: threads), so an edited or another network never reuses it.
+_REFERENCE_SESSION: dict[tuple, OrtNet] = {}
+
+
+def _reference_session(model: nn.Module, x: torch.Tensor, threads: int) -> OrtNet:
+    state = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    key = (id(model), state, tuple(x.shape), threads)
+    if key not in _REFERENCE_SESSION:
+        _REFERENCE_SESSION.clear()
+        _REFERENCE_SESSION[key] = OrtNet(model, x, threads=threads)
+    return _REFERENCE_SESSION[key]
+
+
 def _prepare(model: nn.Module, spec: TimingSpec, seed: int) -> tuple[nn.Module, torch.Tensor]:
     model = model.to(
         device=spec.torch_device, dtype=spec.torch_dtype, memory_format=spec.memory_format
@@ -458,7 +473,7 @@ def time_model(
     ):
         if spec.backend == "onnxruntime":  # the same protocol around session runs
             model = OrtNet(model, x, threads=spec.threads)
-            reference = OrtNet(reference, x, threads=spec.threads) if paired else reference
+            reference = _reference_session(reference, x, spec.threads) if paired else reference
         if paired and spec.regime == "cpu":
             times, ref, number = _time_cpu_interleaved(model, reference, x, spec)
         elif spec.regime == "cpu":
