@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from gator_hw.profile.spec import TimingOptions
 from gator_hw.profile.timing import TimingSpec, time_model
 
 __all__ = ["Accuracy", "LatencyComparison", "accuracy", "bench_converted", "compare_latency"]
@@ -109,19 +111,18 @@ def compare_latency(original: nn.Module, converted: nn.Module, spec: TimingSpec,
     return LatencyComparison(spec, tuple(orig), tuple(conv), flops_ratio)
 
 
-def bench_converted(model_dir: str | Path, spec_options: dict, *, rounds: int = 3
+def bench_converted(model_dir: str | Path, timing: TimingOptions, *, rounds: int = 3
                     ) -> LatencyComparison:
     """Time a converted model directory against its original network (random init, the same
-    architecture) under ``make_spec(model, **spec_options)``; FLOPs ratio included."""
+    architecture) under ``timing`` at the plan's input size; FLOPs ratio included."""
     from gator_hw.accounting import flop_counter_flops
     from gator_hw.io import load, load_plan
     from gator_hw.network import load_network
-    from gator_hw.profile.timing import make_spec
 
     doc = load_plan(model_dir)
     net = load_network(doc["model"], input_size=doc["input_size"], num_classes=doc["num_classes"])
     small = load(model_dir)
     shape = net.input_shape
     ratio = flop_counter_flops(small, shape) / flop_counter_flops(net.model, shape)
-    spec = make_spec(doc["model"], input_size=doc["input_size"], **spec_options)
+    spec = dataclasses.replace(timing, input_size=doc["input_size"]).spec(doc["model"])
     return compare_latency(net.model, small, spec, flops_ratio=ratio, rounds=rounds)

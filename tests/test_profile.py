@@ -21,6 +21,7 @@ from gator_hw.errors import GatorError
 from gator_hw.network import load_network
 from gator_hw.profile import runner as runner_mod
 from gator_hw.profile.runner import ProfileRequest, cells_path, default_out, run, schedule
+from gator_hw.profile.spec import TimingOptions
 from gator_hw.profile.tables import (
     Cell,
     build_table,
@@ -503,6 +504,20 @@ def test_request_validation_and_default_out(tiny):
     ]:
         with pytest.raises(GatorError, match=match):
             _request(tiny, **kw)
+
+
+def test_one_options_object_carries_the_timing_options(tiny):
+    opts = TimingOptions(device="cpu", batch=2, input_size=16, threads=1, repeats=5,
+                         channels_last=True, interleave=False)
+    by_object = ProfileRequest.create(tiny, opts, rounds=2)
+    assert by_object == _request(tiny, channels_last=True, interleave=False)
+    assert by_object.spec == opts.spec(tiny)
+    assert TimingOptions(batch=8).spec("resnet18", 64).input_size == 64  # size left open
+    assert TimingOptions(batch=8, input_size=32).spec("resnet18", 64).input_size == 32
+    with pytest.raises(TypeError, match="either"):
+        ProfileRequest.create(tiny, opts, batch=4)
+    with pytest.raises(GatorError, match="--input-size"):
+        TimingOptions().spec("m")
 
 
 # ---------------------------------------------------------------------------

@@ -118,8 +118,9 @@ def bench_cmd(
 ) -> None:
     """Time the original and the converted model side by side; print both ratios."""
     from gator_hw.evaluate import bench_converted
+    from gator_hw.profile.spec import TimingOptions
 
-    result = bench_converted(model_dir, dict(
+    result = bench_converted(model_dir, TimingOptions(
         device=device, batch=batch_size, dtype=dtype, channels_last=channels_last, eager=eager,
         threads=threads, interleave=interleave, backend=backend.value), rounds=rounds)
     console.print(f"original  {result.original_median_ms:.4g} ms")

@@ -19,6 +19,7 @@ from gator_hw.commands.common import (
     err_console,
 )
 from gator_hw.profile.runner import ProfileRequest, ProfileResult, run
+from gator_hw.profile.spec import TimingOptions
 
 __all__ = ["DType", "print_summary", "register"]
 
@@ -163,25 +164,15 @@ def profile_cmd(
     Writes a tidy latency table, the GATOR-compatible CSV and a JSON sidecar. An
     interrupted run resumes when re-run with the same arguments.
     """
-    request = ProfileRequest.create(
-        model,
-        device=device,
-        batch=batch_size,
-        input_size=input_size,
-        dtype=dtype.value,
-        channels_last=channels_last,
-        widths=widths,
-        round_to=round_to,
-        random_nets=random_nets,
-        rounds=rounds,
-        eager=eager,
-        interleave=interleave,
-        threads=threads,
-        seed=seed,
-        num_classes=num_classes,
-        random_min_keep=random_min_keep,
+    timing = TimingOptions(
+        device=device, batch=batch_size, input_size=input_size, dtype=dtype.value,
+        channels_last=channels_last, eager=eager, threads=threads, interleave=interleave,
         backend=backend.value,
-    )
+    )  # fmt: skip
+    request = ProfileRequest.create(
+        model, timing, widths=widths, round_to=round_to, random_nets=random_nets,
+        rounds=rounds, seed=seed, num_classes=num_classes, random_min_keep=random_min_keep,
+    )  # fmt: skip
     result = run(
         request,
         out,

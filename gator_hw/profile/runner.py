@@ -48,6 +48,7 @@ from gator_hw.errors import GatorError
 from gator_hw.models import default_input_size
 from gator_hw.network import Network, load_network
 from gator_hw.profile.device import gpu_state
+from gator_hw.profile.spec import TimingOptions
 from gator_hw.profile.tables import (
     OUTLIER_RATIO,
     Cell,
@@ -62,7 +63,6 @@ from gator_hw.profile.timing import (
     LatencyResult,
     TimingSpec,
     device_slug,
-    make_spec,
     time_model,
 )
 from gator_hw.profile.variants import Variant, baseline_variant, build_variants, parse_widths
@@ -114,30 +114,29 @@ class ProfileRequest:
     def create(
         cls,
         model: str,
+        timing: TimingOptions | None = None,
         *,
-        device: str = "cpu",
-        batch: int = 1,
-        input_size: int | None = None,
-        dtype: str = "float32",
-        channels_last: bool = False,
         widths: str | float | Sequence[float] = "0.5",
         round_to: int | None = None,
         random_nets: int = 0,
         rounds: int = 3,
-        eager: bool = False,
-        threads: int | None = None,
         seed: int = 0,
         num_classes: int = 1000,
-        repeats: int | None = None,
-        warmup: int | None = None,
-        interleave: bool | None = None,
         random_min_keep: float | None = None,
-        backend: str = "torch",
+        **timing_options,
     ) -> ProfileRequest:
-        """Validate user options and resolve the device (GatorError on any mistake)."""
+        """Validate user options and resolve the device (GatorError on any mistake).
+
+        ``timing`` holds the timing options (:class:`TimingOptions`); they may also be given
+        as keywords (``device="cpu", batch=8, ...``).
+        """
+        if timing is None:
+            timing = TimingOptions(**timing_options)
+        elif timing_options:
+            raise TypeError("pass timing options either as TimingOptions or as keywords")
         fractions = parse_widths(widths)
-        if batch < 1:
-            raise GatorError(f"--batch-size must be >= 1, got {batch}")
+        if timing.batch < 1:
+            raise GatorError(f"--batch-size must be >= 1, got {timing.batch}")
         if rounds < 1:
             raise GatorError(f"--rounds must be >= 1, got {rounds}")
         if random_nets < 0:
@@ -148,22 +147,10 @@ class ProfileRequest:
             )
         if round_to is not None and round_to < 1:
             raise GatorError(f"--round-to must be >= 1 channel, got {round_to}")
-        if input_size is not None and input_size < 1:
-            raise GatorError(f"--input-size must be a positive number of pixels, got {input_size}")
-        spec = make_spec(
-            model,
-            device=device,
-            batch=batch,
-            input_size=input_size or default_input_size(model),
-            dtype=dtype,
-            channels_last=channels_last,
-            eager=eager,
-            threads=threads,
-            repeats=repeats,
-            warmup=warmup,
-            interleave=interleave,
-            backend=backend,
-        )
+        if timing.input_size is not None and timing.input_size < 1:
+            raise GatorError(
+                f"--input-size must be a positive number of pixels, got {timing.input_size}")
+        spec = timing.spec(model, None if timing.input_size else default_input_size(model))
         return cls(spec, fractions, round_to, random_nets, rounds, seed, num_classes,
                    random_min_keep)
 

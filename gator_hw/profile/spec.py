@@ -17,7 +17,8 @@ from gator_hw.errors import GatorError
 from gator_hw.profile.device import _device_name
 from gator_hw.profile.ort import BACKENDS
 
-__all__ = ["BACKENDS", "DTYPES", "REGIMES", "TimingSpec", "make_spec", "resolve_device"]
+__all__ = ["BACKENDS", "DTYPES", "REGIMES", "TimingOptions", "TimingSpec", "make_spec",
+           "resolve_device"]
 
 #: dtype names accepted on the command line, with their torch dtype.
 DTYPES: dict[str, torch.dtype] = {
@@ -211,3 +212,34 @@ def make_spec(
         interleave=(not on_cuda) if interleave is None else interleave,
         backend=backend,
     )
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    """The user's timing options, as the CLI takes them (``None``: the device's default).
+
+    One object carries them from a command through :class:`~gator_hw.profile.runner.
+    ProfileRequest` or ``bench`` to :meth:`spec`, which resolves the device and its defaults
+    (:func:`make_spec`).
+    """
+
+    device: str = "cpu"
+    batch: int = 1
+    input_size: int | None = None
+    dtype: str = "float32"
+    channels_last: bool = False
+    eager: bool = False
+    threads: int | None = None
+    warmup: int | None = None
+    repeats: int | None = None
+    min_block_s: float | None = None
+    interleave: bool | None = None
+    backend: str = "torch"
+
+    def spec(self, model: str, input_size: int | None = None) -> TimingSpec:
+        """The timing spec of ``model`` (``input_size`` when the options leave it open)."""
+        opts = dataclasses.asdict(self)
+        size = opts.pop("input_size") or input_size
+        if size is None:
+            raise GatorError("an input size is needed to time a network; pass --input-size")
+        return make_spec(model, input_size=size, **opts)
