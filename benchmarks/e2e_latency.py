@@ -41,6 +41,7 @@ from gator_hw.evaluate import compare_latency
 from gator_hw.gated import convert_checkpoint
 from gator_hw.network import load_network
 from gator_hw.profile.runner import ProfileRequest, run
+from gator_hw.profile.tables import sidecar_path
 from gator_hw.profile.timing import make_spec
 from gator_hw.slim import slim
 from gator_hw.train import TrainSettings, train
@@ -77,7 +78,7 @@ def configs(out: Path, table: Path, gamma: float) -> tuple[Path, Path]:
 
 def _check_backend(table: Path, backend: str) -> None:
     """A reused table must have been timed in the runtime the nets are benched in."""
-    meta = json.loads(table.with_suffix(".json").read_text())
+    meta = json.loads(sidecar_path(table).read_text())
     if meta.get("backend", "torch") != backend:
         raise SystemExit(f"{table} was timed in {meta.get('backend', 'torch')}, not {backend}; "
                          "pass --backend to match or another --table")

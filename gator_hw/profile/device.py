@@ -58,7 +58,7 @@ def device_slug(spec: TimingSpec) -> str:
             rest = words[i + 1:]
             break
     slug = "-".join(p for p in picked if p)
-    runtime = "-ort" if getattr(spec, "backend", "torch") == "onnxruntime" else ""
+    runtime = "-ort" if spec.backend == "onnxruntime" else ""
     if not spec.device.startswith("cuda"):
         return (f"cpu-{slug}" if slug else "cpu") + runtime
     form = next((w for w in rest if w in _FORM_FACTORS), None)

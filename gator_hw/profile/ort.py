@@ -38,6 +38,10 @@ ORT_OPT_LEVEL = "ORT_ENABLE_ALL"
 #: Execution provider of every session.
 ORT_PROVIDER = "CPUExecutionProvider"
 
+#: Inter-op threads and execution mode of every session.
+ORT_INTER_OP_THREADS = 1
+ORT_EXECUTION_MODE = "ORT_SEQUENTIAL"
+
 #: Largest relative difference (max |ORT - torch| / max |torch|) a timed export may have.
 ORT_RTOL = 1e-4
 
@@ -58,8 +62,8 @@ def ort_info() -> dict[str, Any]:
     """What a table timed on ONNX Runtime records about it (sidecar ``backend_info``)."""
     ort = require_ort()
     return {"onnxruntime": ort.__version__, "graph_optimization_level": ORT_OPT_LEVEL,
-            "execution_provider": ORT_PROVIDER, "inter_op_threads": 1,
-            "execution_mode": "ORT_SEQUENTIAL"}
+            "execution_provider": ORT_PROVIDER, "inter_op_threads": ORT_INTER_OP_THREADS,
+            "execution_mode": ORT_EXECUTION_MODE}
 
 
 def _export_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
@@ -78,8 +82,6 @@ def _export_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
                     pass  # a torch without the TorchScript exporter: the dynamo one below
             prog = torch.onnx.export(model, (x,), dynamo=True, verbose=False, **kwargs)
             return prog.model_proto.SerializeToString()
-    except GatorError:
-        raise
     except Exception as exc:  # an exporter failure names an op we cannot time there
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise GatorError(
@@ -98,18 +100,13 @@ class OrtNet:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, *, threads: int) -> None:
         ort = require_ort()
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            raise GatorError(
-                "--backend onnxruntime times float32 networks on the CPU; use --device cpu "
-                "--dtype float32, or --backend torch"
-            )
         model = model.eval()
         with torch.inference_mode():
             want = model(x).detach().float().numpy()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = ORT_INTER_OP_THREADS
+        opts.execution_mode = getattr(ort.ExecutionMode, ORT_EXECUTION_MODE)
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPT_LEVEL)
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(_export_bytes(model, x), opts,

@@ -91,6 +91,12 @@ class TimingSpec:
         if self.backend not in BACKENDS:
             raise GatorError(f"unknown --backend '{self.backend}'; use one of "
                              f"{', '.join(BACKENDS)}")
+        if self.backend == "onnxruntime" and (self.device != "cpu" or self.dtype != "float32"
+                                              or self.channels_last):
+            raise GatorError(
+                "--backend onnxruntime times float32 contiguous networks on the CPU; use "
+                "--device cpu --dtype float32 without --channels-last, or --backend torch"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -187,11 +193,6 @@ def make_spec(
         from gator_hw.profile.ort import require_ort
 
         require_ort()
-        if on_cuda or dtype != "float32" or channels_last:
-            raise GatorError(
-                "--backend onnxruntime times float32 contiguous networks on the CPU; use "
-                "--device cpu --dtype float32 without --channels-last, or --backend torch"
-            )
     if threads is not None and threads < 1:
         raise GatorError(f"--threads must be >= 1, got {threads}")
     return TimingSpec(
