@@ -46,9 +46,9 @@ def test_session_equals_pytorch_and_runs_on_the_bound_input():
 
 
 def test_a_session_that_differs_from_pytorch_is_refused(monkeypatch):
-    real = ort_mod._export_bytes
+    real = ort_mod.onnx_bytes
     other = _net(seed=1)  # another network's weights: the export is wrong
-    monkeypatch.setattr(ort_mod, "_export_bytes", lambda model, x: real(other, x))
+    monkeypatch.setattr(ort_mod, "onnx_bytes", lambda model, x, **kw: real(other, x))
     with pytest.raises(GatorError, match="differs from PyTorch.*--backend torch"):
         OrtNet(_net(), torch.randn(2, 3, 12, 12), threads=1)
 

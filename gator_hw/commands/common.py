@@ -39,13 +39,15 @@ class BackendName(str, Enum):
 
     torch = "torch"
     onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
 
 
 BackendOption = Annotated[
     BackendName,
     typer.Option(
         "--backend",
-        help="Runtime to time in: torch, or onnxruntime (the network exported to ONNX, run in "
-        "an InferenceSession on the CPU, as it is deployed; pip install 'gator-hw[onnx]').",
+        help="Runtime to time in: torch; onnxruntime (the network exported to ONNX, run in "
+        "an InferenceSession on the CPU, as it is deployed; pip install 'gator-hw[onnx]'); or "
+        "tensorrt (a strongly typed TensorRT engine on --device cuda; pip install tensorrt).",
     ),
 ]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gator_hw.profile.backends import runtime_slug
+
 if TYPE_CHECKING:
     from gator_hw.profile.spec import TimingSpec
 
@@ -58,7 +60,7 @@ def device_slug(spec: TimingSpec) -> str:
             rest = words[i + 1:]
             break
     slug = "-".join(p for p in picked if p)
-    runtime = "-ort" if spec.backend == "onnxruntime" else ""
+    runtime = runtime_slug(spec)
     if not spec.device.startswith("cuda"):
         return (f"cpu-{slug}" if slug else "cpu") + runtime
     form = next((w for w in rest if w in _FORM_FACTORS), None)
@@ -66,7 +68,7 @@ def device_slug(spec: TimingSpec) -> str:
     if "mig" in rest:
         after = rest[rest.index("mig") + 1:]
         slug += "-mig" + (f"-{''.join(c for c in after[0] if c.isalnum())}" if after else "")
-    return slug or "cuda"
+    return (slug or "cuda") + runtime
 
 
 def _nvidia_driver() -> str | None:

@@ -26,11 +26,8 @@ from torch import nn
 
 from gator_hw.errors import GatorError
 
-__all__ = ["BACKENDS", "ORT_OPT_LEVEL", "ORT_PROVIDER", "ORT_RTOL", "OrtNet", "ort_info",
+__all__ = ["ORT_OPT_LEVEL", "ORT_PROVIDER", "ORT_RTOL", "OrtNet", "onnx_bytes", "ort_info",
            "require_ort"]
-
-#: Runtimes a network can be timed on.
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 
 #: Graph optimisation level of every session (ONNX Runtime's default for deployment).
 ORT_OPT_LEVEL = "ORT_ENABLE_ALL"
@@ -66,8 +63,9 @@ def ort_info() -> dict[str, Any]:
             "execution_mode": ORT_EXECUTION_MODE}
 
 
-def _export_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
-    """``model`` at ``x``'s fixed shape as an ONNX model in memory."""
+def onnx_bytes(model: nn.Module, x: torch.Tensor, *, backend: str = "onnxruntime") -> bytes:
+    """``model`` at ``x``'s fixed shape as an ONNX model in memory (``backend`` names the
+    runtime in a failure's message)."""
     kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["output"]}
     legacy = "dynamo" in inspect.signature(torch.onnx.export).parameters
     try:
@@ -85,7 +83,7 @@ def _export_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
     except Exception as exc:  # an exporter failure names an op we cannot time there
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise GatorError(
-            f"ONNX export for --backend onnxruntime failed ({type(exc).__name__}: {first}); "
+            f"ONNX export for --backend {backend} failed ({type(exc).__name__}: {first}); "
             "time this model with --backend torch"
         ) from exc
 
@@ -109,7 +107,7 @@ class OrtNet:
         opts.execution_mode = getattr(ort.ExecutionMode, ORT_EXECUTION_MODE)
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPT_LEVEL)
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(_export_bytes(model, x), opts,
+        self.session = ort.InferenceSession(onnx_bytes(model, x), opts,
                                             providers=[ORT_PROVIDER])
         self.x = np.ascontiguousarray(x.detach().numpy())
         self.binding = self.session.io_binding()

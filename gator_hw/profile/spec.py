@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from gator_hw.errors import GatorError
+from gator_hw.profile.backends import BACKENDS, check_backend, require_backend
 from gator_hw.profile.device import _device_name
-from gator_hw.profile.ort import BACKENDS
 
 __all__ = ["BACKENDS", "DTYPES", "REGIMES", "TimingOptions", "TimingSpec", "make_spec",
            "resolve_device"]
@@ -53,8 +53,8 @@ class TimingSpec:
     tf32 : whether float32 convs may use TF32 tensor cores (``cudnn.allow_tf32``).
     interleave : time each network in blocks alternating with a reference network's (ABBA;
         the CPU default, opt-in on CUDA).
-    backend : the runtime that runs the forwards: ``torch`` or ``onnxruntime``
-        (:mod:`gator_hw.profile.ort`).
+    backend : the runtime that runs the forwards: ``torch``, ``onnxruntime`` or ``tensorrt``
+        (:mod:`gator_hw.profile.backends`).
     torch_version : ``torch.__version__``.
     variant : id of the timed network variant (``full`` for the unpruned net).
     """
@@ -88,15 +88,7 @@ class TimingSpec:
                 raise GatorError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 1:
             raise GatorError(f"warmup must be >= 1 forward, got {self.warmup}")
-        if self.backend not in BACKENDS:
-            raise GatorError(f"unknown --backend '{self.backend}'; use one of "
-                             f"{', '.join(BACKENDS)}")
-        if self.backend == "onnxruntime" and (self.device != "cpu" or self.dtype != "float32"
-                                              or self.channels_last):
-            raise GatorError(
-                "--backend onnxruntime times float32 contiguous networks on the CPU; use "
-                "--device cpu --dtype float32 without --channels-last, or --backend torch"
-            )
+        check_backend(self)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -185,14 +177,12 @@ def make_spec(
 
     CPU defaults: 3 warm-up calls, 10 blocks of >= 50 ms, interleaved with a reference.
     CUDA defaults: 5 warm-up forwards, 10 blocks of >= 5 ms, graph replay unless ``eager``.
-    ``backend="onnxruntime"`` times float32 CPU forwards in ONNX Runtime.
+    ``backend="onnxruntime"`` times float32 CPU forwards in ONNX Runtime, ``"tensorrt"`` CUDA
+    forwards in TensorRT engines (:mod:`gator_hw.profile.backends`).
     """
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
-    if backend == "onnxruntime":
-        from gator_hw.profile.ort import require_ort
-
-        require_ort()
+    require_backend(backend)
     if threads is not None and threads < 1:
         raise GatorError(f"--threads must be >= 1, got {threads}")
     return TimingSpec(

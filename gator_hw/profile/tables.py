@@ -52,6 +52,7 @@ from gator_hw.atomic import write_json, write_text
 from gator_hw.costmodel.gator import write_gator_csv
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import HyperGraph
+from gator_hw.profile.backends import backend_info
 from gator_hw.profile.timing import NOISY_REL_IQR, LatencyResult, TimingSpec, device_info
 from gator_hw.profile.variants import KINDS, Variant
 
@@ -418,10 +419,9 @@ def table_metadata(
         "remeasured_cells": int(table["flags"].str.contains("remeasured").sum()),
         "outlier_cells": int(table["flags"].str.contains("outlier").sum()),
     }
-    if spec.backend == "onnxruntime":
-        from gator_hw.profile.ort import ort_info
-
-        meta["backend_info"] = ort_info()
+    info = backend_info(spec)
+    if info is not None:
+        meta["backend_info"] = info
     meta.update(extra or {})
     return meta
 

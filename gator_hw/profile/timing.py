@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from gator_hw.errors import GatorError
+from gator_hw.profile.backends import reference_net, runtime_net
 from gator_hw.profile.device import cpu_name, device_info, device_slug
-from gator_hw.profile.ort import OrtNet
 from gator_hw.profile.spec import DTYPES, REGIMES, TimingSpec, make_spec, resolve_device
 
 T = TypeVar("T")
@@ -411,21 +411,6 @@ def _time_cuda_unchecked(
     return times, ref, number
 
 
-#: The last reference network's ONNX Runtime session (the full net is the reference of every
-#: cell of a profile): key (module id, each parameter's storage and version, input shape,
-#: threads), so an edited or another network never reuses it.
-_REFERENCE_SESSION: dict[tuple, OrtNet] = {}
-
-
-def _reference_session(model: nn.Module, x: torch.Tensor, threads: int) -> OrtNet:
-    state = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
-    key = (id(model), state, tuple(x.shape), threads)
-    if key not in _REFERENCE_SESSION:
-        _REFERENCE_SESSION.clear()
-        _REFERENCE_SESSION[key] = OrtNet(model, x, threads=threads)
-    return _REFERENCE_SESSION[key]
-
-
 def _prepare(model: nn.Module, spec: TimingSpec, seed: int) -> tuple[nn.Module, torch.Tensor]:
     model = model.to(
         device=spec.torch_device, dtype=spec.torch_dtype, memory_format=spec.memory_format
@@ -471,9 +456,9 @@ def time_model(
         torch_settings(model=reference if paired else None),
         torch.inference_mode(),
     ):
-        if spec.backend == "onnxruntime":  # the same protocol around session runs
-            model = OrtNet(model, x, threads=spec.threads)
-            reference = _reference_session(reference, x, spec.threads) if paired else reference
+        if spec.backend != "torch":  # the same protocol around the runtime's calls
+            model = runtime_net(model, x, spec)
+            reference = reference_net(reference, x, spec) if paired else reference
         if paired and spec.regime == "cpu":
             times, ref, number = _time_cpu_interleaved(model, reference, x, spec)
         elif spec.regime == "cpu":
