@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from gator_hw.accounting import edge_costs, flop_counter_flops, gator_units, network_cost
 from gator_hw.costmodel import read_gator_csv
+from gator_hw.graph import build_hypergraph
 from gator_hw.slim import slim
 from tests.conftest import cached_network
 
@@ -82,3 +85,27 @@ def test_bytes_count_activations_and_weights() -> None:
     params_bytes = one.params * 4
     assert two.bytes - one.bytes == pytest.approx(one.bytes - params_bytes)
     assert two.flops == pytest.approx(2 * one.flops)
+
+
+class _Twice(nn.Module):
+    """One 3x3 conv applied twice (shared weights), or two convs of the same shape."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = self.a if shared else nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_shared_layer_counts_its_weights_once_and_its_flops_every_call() -> None:
+    shared = network_cost(build_hypergraph(_Twice(True).eval(), (1, 3, 16, 16)), batch=2)
+    twins = network_cost(build_hypergraph(_Twice(False).eval(), (1, 3, 16, 16)), batch=2)
+    conv_params = 8 * 8 * 9 + 8
+    assert shared.flops == twins.flops
+    assert shared.params == twins.params - conv_params
+    assert shared.bytes == twins.bytes - 4 * conv_params  # its weights are read once

@@ -181,3 +181,18 @@ def test_convert_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path) 
     with pytest.raises(GatorError) as exc:
         convert_checkpoint(tmp_path)
     assert "cannot read checkpoint" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_save_creates_parents_and_replaces_an_earlier_save(tmp_path: Path) -> None:
+    net = load_network("resnet18", input_size=32, num_classes=10)
+    g = net.graph
+    full = {e: list(range(edge.channels)) for e, edge in enumerate(g.edges)}
+    half = {e: list(range(edge.channels // 2)) for e, edge in enumerate(g.edges)}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out_dir = tmp_path / "a" / "b" / "pruned"  # parents do not exist yet
+    for plan in (full, half):
+        small = convert(net.model, g, plan).eval()
+        save(out_dir, small, name="resnet18", num_classes=10, input_size=32, graph=g, keep=plan)
+        with torch.no_grad():
+            assert torch.equal(load(out_dir)(x), small(x))
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["pruned"]  # no temporaries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from gator_hw.errors import GatorError
@@ -222,3 +223,10 @@ def test_debug_strings() -> None:
     assert text.count("\n") == len(g.groups)
     site = g.edges[0].sites[0]
     assert str(site).startswith(site.module + ":")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_discovery_leaves_the_model_in_its_own_mode(training: bool) -> None:
+    model = torchvision.models.resnet18(num_classes=10).train(training)
+    build_hypergraph(model, (1, 3, 32, 32))
+    assert all(m.training == training for m in model.modules())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -70,10 +71,29 @@ def test_accumulation_equals_one_batch(k):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_accumulation_syncs_only_on_the_last_micro_batch(k):
+    """DDP: every micro-batch but the last runs under no_sync, so gradients all-reduce once."""
+    model = NoNorm()
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def no_sync():
+        entered.append(len(entered))
+        yield
+
+    accumulate_gradients(model, torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,)), k,
+                         no_sync=no_sync)
+    assert len(entered) == k - 1
+
+
 def test_learning_rate_schedules():
     s = TrainSettings("resnet20", config="x", epochs=4, lr=0.1)
     assert learning_rate(s, 0, 10) == pytest.approx(0.1)
     assert learning_rate(s, 40, 10) == pytest.approx(0.0)
+    assert learning_rate(s, 20, 10) == pytest.approx(0.05)  # half way: half the rate
+    one = TrainSettings("resnet20", config="x", epochs=1, lr=0.1)  # a one-step run ends at 0
+    assert [learning_rate(one, i, 1) for i in (0, 1)] == pytest.approx([0.1, 0.0])
     st = TrainSettings("resnet20", config="x", epochs=4, lr=0.1, schedule="step", lr_step=2)
     assert [learning_rate(st, i * 10, 10) for i in range(4)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01]
