@@ -294,3 +294,31 @@ def test_a_saved_cost_model_travels_and_checks_what_it_recorded(table, tmp_path,
     with pytest.raises(GatorError) as exc:
         load_cost_model(moved / "cfg" / "m.costmodel.json", graph)
     one_line_error(exc, "missing", "refit")
+
+
+def test_the_additive_baseline_reproduces_its_probes_and_adds_their_savings(fitted, table) -> None:
+    """GATOR's additive model: each half-width probe exactly, two probes' savings summed."""
+    from gator_hw.costmodel.validate import additive_predict
+
+    s = load_samples([table], fitted.graph)
+    probes = s.subset(s.kind == "edge")
+    half = []
+    for e in (0, 3):
+        own = np.flatnonzero(probes.edge == e)
+        half.append(own[np.argmin(np.abs(probes.fraction[own] - 0.5))])
+    w = probes.widths[half]
+    t = probes.latency_ms[half]
+    np.testing.assert_allclose(additive_predict(fitted, s, w), t, rtol=1e-12)
+    both = np.minimum(w[0], w[1])[None]
+    saved = (s.baseline_ms - t[0]) + (s.baseline_ms - t[1])
+    np.testing.assert_allclose(additive_predict(fitted, s, both), [s.baseline_ms - saved],
+                               rtol=1e-12)
+
+
+def test_cost_models_fit_on_one_thread() -> None:
+    from threadpoolctl import threadpool_info
+
+    from gator_hw.costmodel.model import _one_thread
+
+    with _one_thread():
+        assert {p["num_threads"] for p in threadpool_info()} == {1}

@@ -144,6 +144,10 @@ def test_embedded_cost_model_checks_itself(table, graph, tmp_path) -> None:
     with pytest.raises(GatorError) as exc:
         embedded_cost_model(edited, graph)
     one_line_error(exc, "sha256", "make-config")
+    for samples in ({"widths": doc["samples"]["widths"]}, [1, 2]):
+        with pytest.raises(GatorError) as exc:
+            embedded_cost_model({**doc, "samples": samples}, graph)
+        one_line_error(exc, "has no samples", "make-config")
     wrong = json.loads(json.dumps(doc))
     wrong["check"]["full_ms"] *= 1.01
     with pytest.raises(GatorError) as exc:
@@ -169,3 +173,44 @@ def test_a_config_from_a_table_without_num_classes_prunes_a_net_with_other_class
     w = torch.tensor(_random_widths(own.graph, 4, seed=2), dtype=torch.float64)
     np.testing.assert_allclose(ten.fraction_batch("latency", w).numpy(),
                                own.fraction_batch("latency", w).numpy(), rtol=1e-9)
+
+
+def test_layer_features_are_in_their_named_units(graph) -> None:
+    """GFLOPs and MB, per layer and in total, as the accounting counts them at batch 4."""
+    from gator_hw.accounting import layer_cost, network_cost
+
+    fm = FeatureMap(graph, batch=4)
+    w = _random_widths(graph, 1, seed=2)[-1]
+    row = dict(zip(fm.layer_names(), fm.layer(w[None])[0], strict=True))
+    wd = {i: float(v) for i, v in enumerate(w)}
+    total = network_cost(graph, wd, batch=4)
+    assert row["mbytes"] == pytest.approx(total.bytes / 1e6, rel=1e-12)
+    for c in graph.calls:
+        if c.kind != "norm":
+            cost = layer_cost(c, wd, batch=4)
+            assert row[f"gflops:{c.module}"] == pytest.approx(cost.flops / 1e9, rel=1e-12)
+            assert row[f"mbytes:{c.module}"] == pytest.approx(cost.bytes / 1e6, rel=1e-12)
+
+
+class _Stump:
+    """A tree-like cost model of two edges: 3 ms, +5 ms once edge 0 keeps a channel, and
+    2 ms x (edge 1's width) squared."""
+
+    method = "hgb"
+
+    def full_widths(self) -> np.ndarray:
+        return np.array([4.0, 8.0])
+
+    def predict(self, w: np.ndarray) -> np.ndarray:
+        w = np.atleast_2d(w)
+        return 3.0 + 5.0 * (w[:, 0] >= 1) + 2.0 * w[:, 1] ** 2
+
+
+@pytest.mark.parametrize("n0", [1.0, 4.0])
+def test_tree_slopes_at_small_widths_are_the_cost_of_one_channel(n0: float) -> None:
+    """Widths <= 8 step by one channel, and the last channel's slope is what removing it saves."""
+    fn = LatencyFunction(_Stump())
+    fn.relinearize(torch.tensor([n0, 8.0]))
+    n = torch.tensor([n0, 8.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fn(n), n)
+    assert g.tolist() == pytest.approx([5.0 if n0 == 1.0 else 0.0, 2.0 * (64 - 49)])

@@ -137,6 +137,9 @@ def test_latency_result_stats_and_warnings():
     assert noisy.rel_iqr > NOISY_REL_IQR and noisy.noisy
     assert any("noisy" in w for w in noisy.warnings)
     assert "WARNING" in str(noisy) and "m [full]" in str(noisy)
+    edge = LatencyResult(spec, (1.125, 1.125, 1.25, 1.25, 1.25))  # rel IQR 0.125 / 1.25
+    assert edge.noise == NOISY_REL_IQR and not edge.noisy  # noisy means above the threshold
+    assert LatencyResult(spec, (1.12, 1.12, 1.25, 1.25, 1.25)).noisy
     short = LatencyResult(spec, (1e-3,))
     assert any("blocks" in w for w in short.warnings)
     with pytest.raises(ValueError):
