@@ -131,7 +131,38 @@ PLANTED_TESTS: dict[str, tuple[str, ...]] = {
 }
 
 #: Survivors judged equivalent (no test can tell them apart), by mutant key, with why.
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "gator_hw/graph/build.py::_finalize: drop-USub: `-1` -> `1`":
+        "the default of max() over writers is read only when no layer writes the space, and "
+        "then the space has a reason and its key uses sites[0][0] instead",
+    "gator_hw/graph/rules.py::Builder.join: constant: `True` -> `False`":
+        "zip(strict=True) runs only after the run lengths were compared equal",
+    "gator_hw/masking.py::expand_layout: Gt->GtE: `seg.repeat > 1` -> `seg.repeat >= 1`":
+        "repeat_interleave(1) is the identity",
+    "gator_hw/graph/build.py::_tensor_args: Or->And: `found.append(n) or n` -> "
+    "`found.append(n) and n`":
+        "map_arg's result is discarded; only the appended nodes are used",
+    "gator_hw/graph/cuts.py::constant_nodes: remove-Continue: `continue` -> `pass`":
+        "a placeholder has no inputs and is never constant; the output node has no users, so "
+        "it never joins the frontier that is folded",
+    "gator_hw/gates.py::GateSet.mask_digest: Mult->Div: `m.sum() * (i + 1)` -> "
+    "`m.sum() / (i + 1)`":
+        "any positive per-edge weight makes an equally good checksum (equal masks, equal "
+        "digests; moved channels change the index-weighted sum)",
+    "gator_hw/costmodel/embedded.py::_profiled_graph: IsNot->Is: `graph is not None` -> "
+    "`graph is None`":
+        "a shortcut: without it the profiled net is rebuilt, found to have the same classes "
+        "and the same graph is returned",
+    "gator_hw/profile/timing.py::LatencyResult.noise: constant: `True` -> `False`":
+        "zip(strict=True) is redundant: __post_init__ already refuses unpaired blocks",
+    "gator_hw/graph/rules.py::_linear: Or->And: `x is None or shape is None or len(shape) != 2`"
+    " -> `x is None and shape is None and (len(shape) != 2)`":
+        "fx gives every tensor node a shape and a layout (constants included), so a 2-D input "
+        "never has x or shape None",
+    "gator_hw/costmodel/dataset.py::load_samples: constant: `True` -> `False`":
+        "concat(ignore_index=False): the index labels are never read afterwards (boolean masks "
+        "and to_numpy only); two tables load the same samples either way",
+}
 
 _SWAP_BIN: dict[type, type] = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
