@@ -484,15 +484,13 @@ def _previous(path: Path | None) -> dict[str, dict]:
 
 
 def _reuse(m: Mutant, prev: dict | None) -> tuple[Result | None, Outcome | None]:
-    """An earlier result of ``m``: the whole result if it was killed, else its older-tests
-    outcome (only the new tests run again)."""
-    if prev is None:
+    """An earlier result of ``m``: the whole result if it was killed; a survivor runs again
+    against all its tests (the module's own test files may have grown since)."""
+    if prev is None or not prev["killed_after"]:
         return None, None
     before = Outcome(**prev["before"])
-    if prev["killed_after"]:
-        after = Outcome(**prev["after"]) if prev.get("after") else None
-        return Result(m, before, after, EQUIVALENT.get(m.key, "")), None
-    return None, before
+    after = Outcome(**prev["after"]) if prev.get("after") else None
+    return Result(m, before, after, EQUIVALENT.get(m.key, "")), None
 
 
 def summarize(results: list[Result], sampled: dict[str, int]) -> dict:
