@@ -456,17 +456,16 @@ def check_clean(pool: Pool, targets: tuple[Target, ...], workers: int,
     return {t.path for t in targets if (t.tests, t.select) in bad or (NEW_TESTS, "") in bad}
 
 
-def run_mutant(pool: Pool, target: Target, m: Mutant, before: Outcome | None = None) -> Result:
-    """Apply ``m`` in a free worker tree, run the older tests (unless their ``before`` outcome
-    is given: the older tests did not change), then, if it survives them, the new tests."""
+def run_mutant(pool: Pool, target: Target, m: Mutant) -> Result:
+    """Apply ``m`` in a free worker tree, run the older tests, then, if it survives them, the
+    new tests."""
     tree = pool.trees.get()
     path = tree / m.path
     original = path.read_text()
     try:
         path.write_text(mutated_source(original, m))
-        if before is None:
-            before = run_tests(tree, target.tests, target.select,
-                               pool.timeout(target.tests, target.select))
+        before = run_tests(tree, target.tests, target.select,
+                           pool.timeout(target.tests, target.select))
         after = None
         if not before.killed:
             after = run_tests(tree, NEW_TESTS, "", pool.timeout(NEW_TESTS, ""))
@@ -483,14 +482,14 @@ def _previous(path: Path | None) -> dict[str, dict]:
     return {r["key"]: r for r in json.loads(path.read_text()).get("results", [])}
 
 
-def _reuse(m: Mutant, prev: dict | None) -> tuple[Result | None, Outcome | None]:
+def _reuse(m: Mutant, prev: dict | None) -> Result | None:
     """An earlier result of ``m``: the whole result if it was killed; a survivor runs again
     against all its tests (the module's own test files may have grown since)."""
     if prev is None or not prev["killed_after"]:
-        return None, None
+        return None
     before = Outcome(**prev["before"])
     after = Outcome(**prev["after"]) if prev.get("after") else None
-    return Result(m, before, after, EQUIVALENT.get(m.key, "")), None
+    return Result(m, before, after, EQUIVALENT.get(m.key, ""))
 
 
 def summarize(results: list[Result], sampled: dict[str, int]) -> dict:
@@ -569,12 +568,12 @@ def run_sample(args: argparse.Namespace) -> dict:
         prev = _previous(args.rerun)
 
         def one(m: Mutant) -> Result | None:
-            done, before = _reuse(m, prev.get(m.key))
+            done = _reuse(m, prev.get(m.key))
             if done is not None:
                 return done
             if time.monotonic() > t_end:
                 return None
-            r = run_mutant(pool, by_path[m.path], m, before)
+            r = run_mutant(pool, by_path[m.path], m)
             state = "killed" if r.killed_before else ("killed by new tests" if r.killed_after
                                                       else "SURVIVED")
             print(f"[{next(counter)}/{len(todo)}] {state:19s} {r.before.status:8s} "

@@ -15,7 +15,7 @@ from gator_hw.costmodel.dataset import load_samples
 from gator_hw.costmodel.features import FeatureMap
 from gator_hw.costmodel.make import make_config
 from gator_hw.costmodel.model import _estimator, fit_cost_model, holdout_mask, load_cost_model
-from gator_hw.costmodel.validate import repeated_holdout, score, validate
+from gator_hw.costmodel.validate import additive_predict, repeated_holdout, score, validate
 from gator_hw.errors import GatorError
 from gator_hw.slim import slim
 from tests.conftest import cached_network, one_line_error
@@ -298,8 +298,6 @@ def test_a_saved_cost_model_travels_and_checks_what_it_recorded(table, tmp_path,
 
 def test_the_additive_baseline_reproduces_its_probes_and_adds_their_savings(fitted, table) -> None:
     """GATOR's additive model: each half-width probe exactly, two probes' savings summed."""
-    from gator_hw.costmodel.validate import additive_predict
-
     s = load_samples([table], fitted.graph)
     probes = s.subset(s.kind == "edge")
     half = []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from gator_hw.accounting import layer_cost, network_cost
 from gator_hw.config import GatingConfig, read_config, write_config
 from gator_hw.costmodel.differentiable import LINEAR_METHODS, LatencyFunction
 from gator_hw.costmodel.embedded import embed_cost_model, embedded_cost_model
@@ -177,8 +178,6 @@ def test_a_config_from_a_table_without_num_classes_prunes_a_net_with_other_class
 
 def test_layer_features_are_in_their_named_units(graph) -> None:
     """GFLOPs and MB, per layer and in total, as the accounting counts them at batch 4."""
-    from gator_hw.accounting import layer_cost, network_cost
-
     fm = FeatureMap(graph, batch=4)
     w = _random_widths(graph, 1, seed=2)[-1]
     row = dict(zip(fm.layer_names(), fm.layer(w[None])[0], strict=True))
