@@ -21,7 +21,8 @@ the same share of the run at 5 or 5,000 steps per epoch:
   matter least per unit of cost saved are pruned for good (HALP's greedy knapsack order): a
   channel's importance is the running mean of its gate's squared batch gradient (the Taylor
   estimate of what closing it costs the task, :meth:`GateSet.update_importance`), normalised
-  by its edge's mean so that layers compare (see :func:`_units`), and the cost
+  by its edge's mean when pruning started so that layers compare (see :func:`_units`), and
+  the cost
   is what the criterion predicts it saves at the current widths: with a latency config, the
   cost model's own prediction, staircase included (channels then close in blocks of 8 to 64
   where a single channel saves nothing). If logits crossed zero faster than the ceiling falls,
@@ -244,11 +245,14 @@ def _units(
     (ties: by logit), and a unit takes the edge's open count down to the next multiple of its
     block; an edge that must keep channels never loses its last unit. A unit's score is its
     channels' importance over the cost it saves, HALP's greedy knapsack order; its mean logit
-    breaks ties. Importances are divided by the mean over all the edge's channels, pruned ones
-    included (layer-wise normalisation, as Molchanov et al. 2017 do for Taylor scores): raw
-    gate gradients differ by orders of magnitude between layers and would decide the
-    allocation alone; normalised, the cost model decides between edges, and an edge's last
-    channels, its most important, grow dearer as it shrinks. ``power`` raises the normalised
+    breaks ties. Importances are divided by the edge's mean importance when pruning started
+    (layer-wise normalisation, as Molchanov et al. 2017 do for Taylor scores): raw gate
+    gradients differ by orders of magnitude between layers and would decide the allocation
+    alone; normalised, the cost model decides between edges, and an edge's last channels, its
+    most important, grow dearer as it shrinks: both because they are its most important and
+    because their closing gradients grow as the edge narrows (a scale that followed the live
+    mean would grow with them, and with the re-opening gradients of the pruned channels, and
+    let a cheap-to-cut edge collapse). ``power`` raises the normalised
     importances to it: 1 is HALP's order, 0 leaves the allocation between edges to the cost
     alone (the logits still order the channels within an edge).
     """
@@ -307,10 +311,13 @@ def _round_robin(srt: torch.Tensor, idx: torch.Tensor, groups: int, channels: in
 
 
 def _normalised_importance(gates: GateSet, edge: int) -> torch.Tensor:
-    """``edge``'s channel importances over their mean (layer-wise normalisation, pruned
-    channels included), float64 on the CPU; as they are while all are zero."""
+    """``edge``'s channel importances over the edge's scale (layer-wise normalisation), float64
+    on the CPU: the mean importance of its channels when pruning started, all of them open
+    (:meth:`GateSet.fix_importance_scale`), or their mean now before that; as they are while
+    all are zero."""
     every = gates.edge_importance(edge).to(torch.float64).cpu()
-    mean = float(every.mean())
+    ref = float(gates.importance_scale[edge])
+    mean = ref if ref > 0 else float(every.mean())
     return every / mean if mean > 0 else every
 
 
@@ -599,6 +606,8 @@ class Budget:
     ) -> BudgetStep:
         """Hold the kept network at the ceiling after ``step`` updates; return the new lambda."""
         c, crit, m = self.schedule.ceiling(step), self.criterion, self.metric
+        if step >= self.schedule.start_step:
+            gates.fix_importance_scale()
         natural = crit.fraction(m, gates.kept_widths())  # this step's crossings, none undone
         reopened = limit_overshoot(gates, crit, m, c, optimizer)
         gates.update_masks()

@@ -129,6 +129,7 @@ class GateSet(nn.Module):
         total = sum(self.channels)
         self.register_buffer("importance", torch.zeros(total))
         self.register_buffer("importance_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("importance_scale", torch.zeros(len(self.channels)))
         self._grad_sum = torch.zeros(total)
         self.last_gates: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -148,6 +149,7 @@ class GateSet(nn.Module):
             "round_to_n": torch.ones((), dtype=torch.int64),
             "importance": torch.zeros(sum(self.channels)),
             "importance_steps": torch.zeros((), dtype=torch.int64),
+            "importance_scale": torch.zeros(len(self.channels)),
         }
         for key, value in defaults.items():
             state_dict.setdefault(prefix + key, value)
@@ -307,6 +309,15 @@ class GateSet(nn.Module):
         self.importance.mul_(b).add_((1.0 - b) * s.to(self.importance.dtype) ** 2)
         self.importance_steps.fill_(k)
         self._grad_sum = torch.zeros_like(self._grad_sum)
+
+    @torch.no_grad()
+    def fix_importance_scale(self) -> None:
+        """Record each edge's mean importance as its scale, once (edges already set keep
+        theirs): called when pruning starts, while every channel is open, so that it is the
+        mean cost to the task of closing one of the edge's channels."""
+        for e in range(len(self)):
+            if float(self.importance_scale[e]) <= 0.0:
+                self.importance_scale[e] = self.edge_importance(e).mean()
 
     def edge_importance(self, edge: int) -> torch.Tensor:
         """Importance of each channel of ``edge`` (zeros before any update)."""

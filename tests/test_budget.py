@@ -12,6 +12,7 @@ from gator_hw.budget import (
     BudgetController,
     BudgetSchedule,
     BudgetTarget,
+    _normalised_importance,
     check_feasible,
     enforce_ceiling,
     limit_overshoot,
@@ -221,6 +222,38 @@ def test_importance_power_zero_leaves_the_allocation_to_the_cost() -> None:
     flat = pruned(torch.ones_like(imp), 1.0)
     assert pruned(imp, 0.0) == flat  # the importances no longer matter
     assert pruned(imp, 1.0) != flat and pruned(imp, 0.5) != pruned(imp, 1.0)
+
+
+def test_importance_scale_is_fixed_when_pruning_starts_so_a_shrinking_edge_grows_dearer(
+) -> None:
+    """Each edge's importances are normalised by their mean when pruning started, not by their
+    mean now: closing gradients that grow as an edge shrinks, or the re-opening gradients of
+    its pruned channels, must not make its last channels look cheap to the task."""
+    g = cached_network("resnet20").graph
+    crit = CostCriterion(g, GatingConfig())
+    gates = GateSet.from_graph(g, 0.9)
+    sched = BudgetSchedule(BudgetTarget("flops", 0.5), start_step=3, reach_step=10,
+                           freeze_step=12)
+    budget = Budget(sched, crit, theta0=2.0, gamma=0.2, momentum=0.9)
+    with torch.no_grad():
+        gates.importance.copy_(torch.rand(gates.importance.shape) + 0.5)
+    budget.step(2, gates, lr=0.1)
+    assert float(gates.importance_scale.abs().sum()) == 0.0  # not before the descent starts
+    budget.step(3, gates, lr=0.1)
+    means = torch.stack([gates.edge_importance(e).mean() for e in range(len(gates))])
+    torch.testing.assert_close(gates.importance_scale, means)
+    e = 0
+    before = _normalised_importance(gates, e).clone()
+    with torch.no_grad():
+        gates.edge_importance(e).mul_(3.0)  # every channel of the edge now matters 3x more
+    budget.step(4, gates, lr=0.1)
+    torch.testing.assert_close(gates.importance_scale, means)  # set once
+    torch.testing.assert_close(_normalised_importance(gates, e), 3.0 * before,
+                               rtol=1e-6, atol=0.0)
+    # the scale travels with the gates (a resumed run normalises as the interrupted one)
+    other = GateSet.from_graph(g, 0.9)
+    other.load_state_dict(gates.state_dict())
+    torch.testing.assert_close(other.importance_scale, means)
 
 
 def _grouped_gates(seed: int) -> tuple:
