@@ -22,15 +22,15 @@ the same share of the run at 5 or 5,000 steps per epoch:
   channel's importance is the running mean of its gate's squared batch gradient (the Taylor
   estimate of what closing it costs the task, :meth:`GateSet.update_importance`), normalised
   by its edge's mean when pruning started so that layers compare (see :func:`_units`), and
-  the cost
-  is what the criterion predicts it saves at the current widths: with a latency config, the
-  cost model's own prediction, staircase included (channels then close in blocks of 8 to 64
-  where a single channel saves nothing). If logits crossed zero faster than the ceiling falls,
-  those that crossed are re-opened, least negative first, while it stays within. So the budget
-  is met by ``reach_step`` whatever the data and the gains; a step removes at most one unit
-  more than the schedule asks (the knapsack order is kept; the schedule catches up), and
-  during the hold pruned channels come back, most important per unit of cost first
-  (:func:`give_back`), while they fit, so the final network lands on the budget from below.
+  the cost is what the criterion predicts it saves at the current widths: with a latency
+  config, the cost model's own prediction, staircase included (channels then close in blocks
+  of 8 to 64 where a single channel saves nothing). If logits crossed zero faster than the
+  ceiling falls, those that crossed are re-opened, least negative first, while it stays
+  within. So the budget is met by ``reach_step`` whatever the data and the gains; a step
+  removes at most one unit more than the schedule asks (the knapsack order is kept; the
+  schedule catches up), and during the hold pruned channels come back, most important per
+  unit of cost first (:func:`give_back`), while they fit, so the final network lands on the
+  budget from below.
 """
 
 from __future__ import annotations
@@ -584,6 +584,7 @@ class Budget:
         self.target = schedule.target
         self.controller = BudgetController(schedule, theta0, gamma, momentum)
         self.closed = self.reopened = 0
+        self._scale_fixed = False  # a resumed run re-checks the loaded scales once
 
     @property
     def metric(self) -> str:
@@ -606,8 +607,8 @@ class Budget:
     ) -> BudgetStep:
         """Hold the kept network at the ceiling after ``step`` updates; return the new lambda."""
         c, crit, m = self.schedule.ceiling(step), self.criterion, self.metric
-        if step >= self.schedule.start_step:
-            gates.fix_importance_scale()
+        if step >= self.schedule.start_step and not self._scale_fixed:
+            self._scale_fixed = gates.fix_importance_scale()
         natural = crit.fraction(m, gates.kept_widths())  # this step's crossings, none undone
         reopened = limit_overshoot(gates, crit, m, c, optimizer)
         gates.update_masks()

@@ -248,12 +248,20 @@ def test_importance_scale_is_fixed_when_pruning_starts_so_a_shrinking_edge_grows
         gates.edge_importance(e).mul_(3.0)  # every channel of the edge now matters 3x more
     budget.step(4, gates, lr=0.1)
     torch.testing.assert_close(gates.importance_scale, means)  # set once
+    assert budget._scale_fixed and gates.fix_importance_scale()  # and no longer re-checked
     torch.testing.assert_close(_normalised_importance(gates, e), 3.0 * before,
                                rtol=1e-6, atol=0.0)
     # the scale travels with the gates (a resumed run normalises as the interrupted one)
     other = GateSet.from_graph(g, 0.9)
     other.load_state_dict(gates.state_dict())
     torch.testing.assert_close(other.importance_scale, means)
+    # an edge with no importance yet stays unset, and says so
+    fresh = GateSet.from_graph(g, 0.9)
+    with torch.no_grad():
+        fresh.importance.copy_(torch.rand(fresh.importance.shape) + 0.5)
+        fresh.edge_importance(1).zero_()
+    assert not fresh.fix_importance_scale()
+    assert float(fresh.importance_scale[1]) == 0.0 and float(fresh.importance_scale[0]) > 0
 
 
 def _grouped_gates(seed: int) -> tuple:
