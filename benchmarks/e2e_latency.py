@@ -97,7 +97,8 @@ def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dic
             MODEL, config=cfg, data="digits", out=folder, epochs=a.epochs, lr=a.lr,
             batch_size=64, target=target, weights=weights, input_size=SIZE, seed=a.seed,
             device="cpu", round_to=a.round_to, budget_at=a.budget_at,
-            importance_power=a.importance_power, gate_norm=a.gate_norm, calibrate=a.calibrate,
+            importance_power=a.importance_power, importance_norm=a.importance_norm,
+            gate_norm=a.gate_norm, calibrate=a.calibrate,
         )  # fmt: skip
         train(settings, log=lambda m: log(f"  {name} {m}"))
     doc = json.loads(plan.read_text())
@@ -202,6 +203,9 @@ def main() -> None:
     ap.add_argument("--budget-at", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--importance-power", type=float, default=1.0)
+    ap.add_argument("--importance-norm", type=float, default=1.0,
+                    help="both configs: 1 divides each edge's importances by their mean, "
+                    "0 keeps raw Taylor scores")
     ap.add_argument("--gate-norm", default="none", choices=("none", "edge"),
                     help="both configs: how gate gradients compare between edges")
     ap.add_argument("--calibrate", default="auto", choices=("auto", "on", "off"),

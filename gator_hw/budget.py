@@ -236,7 +236,7 @@ class _Units:
 
 def _units(
     gates: GateSet, open_sets: list[torch.Tensor], costs: Mapping[int, tuple[int, float]],
-    power: float = 1.0,
+    power: float = 1.0, norm: float = 1.0,
 ) -> _Units:
     """Every closable edge's open channels cut into closing units, least important per cost
     first.
@@ -252,15 +252,18 @@ def _units(
     most important, grow dearer as it shrinks: both because they are its most important and
     because their closing gradients grow as the edge narrows (a scale that followed the live
     mean would grow with them, and with the re-opening gradients of the pruned channels, and
-    let a cheap-to-cut edge collapse). ``power`` raises the normalised
-    importances to it: 1 is HALP's order, 0 leaves the allocation between edges to the cost
-    alone (the logits still order the channels within an edge).
+    let a cheap-to-cut edge collapse). ``norm`` is the power of that scale: 1 normalises, 0
+    keeps the raw scores (a global Taylor ranking, as Molchanov et al. 2019 and HALP use:
+    their differences between layers are estimates of the loss, and then decide).
+    ``power`` raises the normalised importances to it: 1 is HALP's order, 0 leaves the
+    allocation between edges to the cost alone (the logits still order the channels within
+    an edge).
     """
     edges, sizes, starts, scores, ties, order = [], [], [], [], [], []
     for e, g in enumerate(open_sets):
         idx = torch.nonzero(g > 0).flatten()
         theta = gates.logits[e].detach()[idx].to(torch.float64).cpu()
-        imp = _normalised_importance(gates, e)[idx.cpu()]
+        imp = _normalised_importance(gates, e, norm)[idx.cpu()]
         imp = imp.clamp_min(0) ** power if power != 1.0 else imp
         srt = torch.argsort(theta, stable=True)
         srt = srt[torch.argsort(imp[srt], stable=True)]
@@ -310,15 +313,18 @@ def _round_robin(srt: torch.Tensor, idx: torch.Tensor, groups: int, channels: in
     return srt[torch.argsort(rank, stable=True)]
 
 
-def _normalised_importance(gates: GateSet, edge: int) -> torch.Tensor:
-    """``edge``'s channel importances over the edge's scale (layer-wise normalisation), float64
-    on the CPU: the mean importance of its channels when pruning started, all of them open
+def _normalised_importance(gates: GateSet, edge: int, norm: float = 1.0) -> torch.Tensor:
+    """``edge``'s channel importances over the edge's scale to the power ``norm`` (layer-wise
+    normalisation at 1, raw Taylor scores at 0), float64 on the CPU. The scale is the mean
+    importance of its channels when pruning started, all of them open
     (:meth:`GateSet.fix_importance_scale`), or their mean now before that; as they are while
     all are zero."""
     every = gates.edge_importance(edge).to(torch.float64).cpu()
+    if norm == 0.0:
+        return every
     ref = float(gates.importance_scale[edge])
     mean = ref if ref > 0 else float(every.mean())
-    return every / mean if mean > 0 else every
+    return every / mean ** norm if mean > 0 else every
 
 
 def _reopen(gates: GateSet, edge: int, idx: torch.Tensor | list[int],
@@ -353,7 +359,7 @@ _CHUNK = 512
 @torch.no_grad()
 def enforce_ceiling(
     gates: GateSet, criterion: CostCriterion, metric: str, ceiling: float,
-    power: float = 1.0,
+    power: float = 1.0, norm: float = 1.0,
 ) -> int:
     """Prune the open channels least important per unit of cost until the kept network costs
     <= ``ceiling``.
@@ -368,7 +374,7 @@ def enforce_ceiling(
     if criterion.fraction(metric, kept) <= ceiling:
         return 0
     block = closing_block(gates, criterion, metric)
-    units = _units(gates, det, _unit_costs(criterion, metric, kept, block), power)
+    units = _units(gates, det, _unit_costs(criterion, metric, kept, block), power, norm)
     k, best = None, float("inf")
     for lo in range(1, len(units) + 1, _CHUNK):
         ks = list(range(lo, min(lo + _CHUNK, len(units) + 1)))
@@ -501,14 +507,15 @@ def give_back(
     metric: str,
     ceiling: float,
     optimizer: torch.optim.Optimizer | None = None,
+    norm: float = 1.0,
 ) -> int:
     """Re-open pruned channels, most important per unit of added cost first, while the kept
     network stays <= ``ceiling`` (after a measurement raised it). Returns how many.
 
     Channels come back in units of :func:`closing_block` (one per conv group in turn on a
     grouped edge), an edge's most important pruned channels first (importance normalised by
-    the edge's mean, as :func:`_units` does); a re-opened channel gets logit ``REOPEN_LOGIT``
-    and its momentum is cleared.
+    the edge's scale to the power ``norm``, as :func:`_units` does); a re-opened channel gets
+    logit ``REOPEN_LOGIT`` and its momentum is cleared.
     """
     kept = gates.kept_widths()
     if criterion.fraction(metric, kept) > ceiling:
@@ -521,7 +528,7 @@ def give_back(
         idx = torch.nonzero(g == 0).flatten()
         if not len(idx):
             continue
-        imp = _normalised_importance(gates, e)[idx.cpu()]
+        imp = _normalised_importance(gates, e, norm)[idx.cpu()]
         srt = torch.argsort(imp, descending=True, stable=True)
         srt = _round_robin(srt, idx, gates.conv_groups[e], gates.channels[e])
         pool[e], value[e] = idx[srt], imp[srt]
@@ -578,9 +585,10 @@ class Budget:
         gamma: float,
         momentum: float,
         importance_power: float = 1.0,
+        importance_norm: float = 1.0,
     ) -> None:
         self.schedule, self.criterion = schedule, criterion
-        self.importance_power = importance_power
+        self.importance_power, self.importance_norm = importance_power, importance_norm
         self.target = schedule.target
         self.controller = BudgetController(schedule, theta0, gamma, momentum)
         self.closed = self.reopened = 0
@@ -612,10 +620,10 @@ class Budget:
         natural = crit.fraction(m, gates.kept_widths())  # this step's crossings, none undone
         reopened = limit_overshoot(gates, crit, m, c, optimizer)
         gates.update_masks()
-        closed = enforce_ceiling(gates, crit, m, c, self.importance_power)
+        closed = enforce_ceiling(gates, crit, m, c, self.importance_power, self.importance_norm)
         if self.schedule.progress(step) >= 1.0 and not closed:
             # the hold: fill up to the budget (a last unit may have landed below it)
-            reopened += give_back(gates, crit, m, c, optimizer)
+            reopened += give_back(gates, crit, m, c, optimizer, self.importance_norm)
         kept = gates.kept_widths()
         crit.relinearize(kept)
         expected = crit.fraction(m, gates.expected_channels().detach().cpu())
@@ -632,7 +640,8 @@ class Budget:
         :meth:`step`. Returns the channels re-opened."""
         self.schedule = replace(self.schedule, scale=float(scale))
         self.controller.schedule = self.schedule
-        opened = give_back(gates, self.criterion, self.metric, self.schedule.bound, optimizer)
+        opened = give_back(gates, self.criterion, self.metric, self.schedule.bound, optimizer,
+                           self.importance_norm)
         self.reopened += opened
         return opened
 

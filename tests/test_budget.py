@@ -224,6 +224,32 @@ def test_importance_power_zero_leaves_the_allocation_to_the_cost() -> None:
     assert pruned(imp, 1.0) != flat and pruned(imp, 0.5) != pruned(imp, 1.0)
 
 
+def test_importance_norm_one_compares_edges_by_cost_and_zero_by_raw_taylor_scores() -> None:
+    """An edge whose every channel scores 100x lower than the rest: normalised (norm 1), that
+    is the same as equal scores and the cost decides; raw (norm 0), it goes first although its
+    channels save the least cost."""
+    g = cached_network("resnet20").graph
+    crit = CostCriterion(g, GatingConfig())
+    cheap = int(torch.argmin(crit.edge_weights(crit.full_widths)))
+    start = sum(e.channels for e in g.edges[:cheap])
+
+    def pruned(quiet: float, norm: float) -> list[int]:
+        gates = GateSet.from_graph(g, 0.9)
+        with torch.no_grad():
+            gates.importance.fill_(1.0)
+            gates.importance[start:start + g.edges[cheap].channels] = quiet
+        enforce_ceiling(gates, crit, "flops", 0.9, 1.0, norm)
+        return gates.kept_channels()
+
+    flat = pruned(1.0, 1.0)
+    assert pruned(0.01, 1.0) == flat  # a per-edge scale does not change the normalised order
+    assert flat[cheap] == g.edges[cheap].channels  # the cost alone leaves the cheap edge alone
+    raw = pruned(0.01, 0.0)
+    assert raw[cheap] < g.edges[cheap].channels  # raw scores: the quiet edge goes first
+    lost = [e.channels - k for e, k in zip(g.edges, raw, strict=True)]
+    assert lost[cheap] > 4 * (sum(lost) - lost[cheap])  # others: only what lands the ceiling
+
+
 def test_importance_scale_is_fixed_when_pruning_starts_so_a_shrinking_edge_grows_dearer(
 ) -> None:
     """Each edge's importances are normalised by their mean when pruning started, not by their

@@ -136,6 +136,12 @@ def prune_cmd(
             "the budget's pruning order (1: importance per unit of cost, HALP's; 0: cost "
             "alone decides between edges).")
     ] = 1.0,
+    importance_norm: Annotated[
+        float, typer.Option(
+            help="With --target: how channel importances compare between edges in the "
+            "budget's pruning order: divided by their edge's mean to this power (1: each "
+            "edge's mean counts alike; 0: raw Taylor scores, a global ranking as in HALP).")
+    ] = 1.0,
     gate_norm: Annotated[
         GateNorm, typer.Option(
             help="How gate gradients compare between edges: none (GATOR's raw gradients) or "
@@ -185,7 +191,8 @@ def prune_cmd(
         resume=resume, save_interval=save_interval, checkpoint_every=checkpoint_every,
         target=target, budget_at=budget_at,
         hold_epochs=hold_epochs, round_to=round_to, cost_source=cost.value,
-        importance_power=importance_power, gate_norm=gate_norm.value,
+        importance_power=importance_power, importance_norm=importance_norm,
+        gate_norm=gate_norm.value,
         calibrate=calibrate.value,
         gate_epochs=gate_epochs, weights=weights, input_size=input_size,
         num_classes=num_classes, workers=workers, seed=seed, device=device,

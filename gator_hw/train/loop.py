@@ -108,6 +108,7 @@ class TrainSettings:
     round_to: int = 1
     cost_source: str = "auto"
     importance_power: float = 1.0
+    importance_norm: float = 1.0
     gate_norm: str = "none"
     calibrate: str = "auto"
     gate_epochs: int | None = None
@@ -141,6 +142,11 @@ class TrainSettings:
         if not 0.0 <= self.importance_power <= 4.0:
             raise GatorError(
                 f"--importance-power must be in [0, 4], got {self.importance_power}; 1 is HALP's"
+            )
+        if not 0.0 <= self.importance_norm <= 1.0:
+            raise GatorError(
+                f"--importance-norm must be in [0, 1], got {self.importance_norm}; 1 divides "
+                "each edge's importances by their mean, 0 keeps the raw Taylor scores"
             )
         if self.amp_dtype not in AMP_DTYPES:
             raise GatorError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, got "
@@ -307,7 +313,7 @@ class _Trainer:
         p = run.config.gate_init_prob
         return Budget(sched, self.criterion, theta0=math.log(p / (1 - p)),
                       gamma=run.config.gradient_multiplier, momentum=s.momentum,
-                      importance_power=s.importance_power)
+                      importance_power=s.importance_power, importance_norm=s.importance_norm)
 
     def _calibrator(self) -> Calibrator:
         """Measurements of the kept network (:mod:`.calibration`), or why there are none."""
