@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--budget-at", type=float, default=0.5)
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--importance-power", type=float, default=1.0)
-    ap.add_argument("--importance-norm", type=float, default=1.0,
+    ap.add_argument("--importance-norm", type=float, default=0.0,
                     help="both configs: 1 divides each edge's importances by their mean, "
                     "0 keeps raw Taylor scores")
     ap.add_argument("--gate-norm", default="none", choices=("none", "edge"),

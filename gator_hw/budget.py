@@ -20,8 +20,8 @@ the same share of the run at 5 or 5,000 steps per epoch:
   network is held at the ceiling from both sides. If it costs more, the open channels that
   matter least per unit of cost saved are pruned for good (HALP's greedy knapsack order): a
   channel's importance is the running mean of its gate's squared batch gradient (the Taylor
-  estimate of what closing it costs the task, :meth:`GateSet.update_importance`), normalised
-  by its edge's mean when pruning started so that layers compare (see :func:`_units`), and
+  estimate of what closing it costs the task, :meth:`GateSet.update_importance`), compared
+  across layers as it is (or normalised by its edge's mean, see :func:`_units`), and
   the cost is what the criterion predicts it saves at the current widths: with a latency
   config, the cost model's own prediction, staircase included (channels then close in blocks
   of 8 to 64 where a single channel saves nothing). If logits crossed zero faster than the
@@ -236,7 +236,7 @@ class _Units:
 
 def _units(
     gates: GateSet, open_sets: list[torch.Tensor], costs: Mapping[int, tuple[int, float]],
-    power: float = 1.0, norm: float = 1.0,
+    power: float = 1.0, norm: float = 0.0,
 ) -> _Units:
     """Every closable edge's open channels cut into closing units, least important per cost
     first.
@@ -245,19 +245,18 @@ def _units(
     (ties: by logit), and a unit takes the edge's open count down to the next multiple of its
     block; an edge that must keep channels never loses its last unit. A unit's score is its
     channels' importance over the cost it saves, HALP's greedy knapsack order; its mean logit
-    breaks ties. Importances are divided by the edge's mean importance when pruning started
-    (layer-wise normalisation, as Molchanov et al. 2017 do for Taylor scores): raw gate
-    gradients differ by orders of magnitude between layers and would decide the allocation
-    alone; normalised, the cost model decides between edges, and an edge's last channels, its
-    most important, grow dearer as it shrinks: both because they are its most important and
-    because their closing gradients grow as the edge narrows (a scale that followed the live
-    mean would grow with them, and with the re-opening gradients of the pruned channels, and
-    let a cheap-to-cut edge collapse). ``norm`` is the power of that scale: 1 normalises, 0
-    keeps the raw scores (a global Taylor ranking, as Molchanov et al. 2019 and HALP use:
-    their differences between layers are estimates of the loss, and then decide).
-    ``power`` raises the normalised importances to it: 1 is HALP's order, 0 leaves the
-    allocation between edges to the cost alone (the logits still order the channels within
-    an edge).
+    breaks ties. With ``norm`` 0 (the default) the importances are the raw Taylor scores, a
+    global ranking as Molchanov et al. 2019 and HALP use: they estimate the loss of closing a
+    channel, and differ by orders of magnitude between layers because what each layer is
+    worth to the task does (on a small task, the widest late layers are nearly free to cut).
+    With ``norm`` 1 they are divided by the edge's mean importance when pruning started
+    (layer-wise normalisation, Molchanov et al. 2017): every edge's mean channel then counts
+    alike and the cost decides between edges; the scale is fixed at that step because one that
+    followed the live mean would grow with the closing gradients of a narrowing edge and the
+    re-opening gradients of its pruned channels, and let a cheap-to-cut edge collapse. Values
+    between interpolate (the scale to the power ``norm``). ``power`` raises the importances
+    to it: 1 is HALP's order, 0 leaves the allocation between edges to the cost alone (the
+    logits still order the channels within an edge).
     """
     edges, sizes, starts, scores, ties, order = [], [], [], [], [], []
     for e, g in enumerate(open_sets):
@@ -313,7 +312,7 @@ def _round_robin(srt: torch.Tensor, idx: torch.Tensor, groups: int, channels: in
     return srt[torch.argsort(rank, stable=True)]
 
 
-def _normalised_importance(gates: GateSet, edge: int, norm: float = 1.0) -> torch.Tensor:
+def _normalised_importance(gates: GateSet, edge: int, norm: float = 0.0) -> torch.Tensor:
     """``edge``'s channel importances over the edge's scale to the power ``norm`` (layer-wise
     normalisation at 1, raw Taylor scores at 0), float64 on the CPU. The scale is the mean
     importance of its channels when pruning started, all of them open
@@ -359,7 +358,7 @@ _CHUNK = 512
 @torch.no_grad()
 def enforce_ceiling(
     gates: GateSet, criterion: CostCriterion, metric: str, ceiling: float,
-    power: float = 1.0, norm: float = 1.0,
+    power: float = 1.0, norm: float = 0.0,
 ) -> int:
     """Prune the open channels least important per unit of cost until the kept network costs
     <= ``ceiling``.
@@ -507,7 +506,7 @@ def give_back(
     metric: str,
     ceiling: float,
     optimizer: torch.optim.Optimizer | None = None,
-    norm: float = 1.0,
+    norm: float = 0.0,
 ) -> int:
     """Re-open pruned channels, most important per unit of added cost first, while the kept
     network stays <= ``ceiling`` (after a measurement raised it). Returns how many.
@@ -585,7 +584,7 @@ class Budget:
         gamma: float,
         momentum: float,
         importance_power: float = 1.0,
-        importance_norm: float = 1.0,
+        importance_norm: float = 0.0,
     ) -> None:
         self.schedule, self.criterion = schedule, criterion
         self.importance_power, self.importance_norm = importance_power, importance_norm

@@ -260,7 +260,7 @@ def test_importance_scale_is_fixed_when_pruning_starts_so_a_shrinking_edge_grows
     gates = GateSet.from_graph(g, 0.9)
     sched = BudgetSchedule(BudgetTarget("flops", 0.5), start_step=3, reach_step=10,
                            freeze_step=12)
-    budget = Budget(sched, crit, theta0=2.0, gamma=0.2, momentum=0.9)
+    budget = Budget(sched, crit, theta0=2.0, gamma=0.2, momentum=0.9, importance_norm=1.0)
     with torch.no_grad():
         gates.importance.copy_(torch.rand(gates.importance.shape) + 0.5)
     budget.step(2, gates, lr=0.1)
@@ -269,13 +269,13 @@ def test_importance_scale_is_fixed_when_pruning_starts_so_a_shrinking_edge_grows
     means = torch.stack([gates.edge_importance(e).mean() for e in range(len(gates))])
     torch.testing.assert_close(gates.importance_scale, means)
     e = 0
-    before = _normalised_importance(gates, e).clone()
+    before = _normalised_importance(gates, e, 1.0).clone()
     with torch.no_grad():
         gates.edge_importance(e).mul_(3.0)  # every channel of the edge now matters 3x more
     budget.step(4, gates, lr=0.1)
     torch.testing.assert_close(gates.importance_scale, means)  # set once
     assert budget._scale_fixed and gates.fix_importance_scale()  # and no longer re-checked
-    torch.testing.assert_close(_normalised_importance(gates, e), 3.0 * before,
+    torch.testing.assert_close(_normalised_importance(gates, e, 1.0), 3.0 * before,
                                rtol=1e-6, atol=0.0)
     # the scale travels with the gates (a resumed run normalises as the interrupted one)
     other = GateSet.from_graph(g, 0.9)

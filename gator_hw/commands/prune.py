@@ -132,7 +132,7 @@ def prune_cmd(
     ] = CostSource.auto,
     importance_power: Annotated[
         float, typer.Option(
-            help="With --target: exponent on the layer-normalised channel importances in "
+            help="With --target: exponent on the channel importances in "
             "the budget's pruning order (1: importance per unit of cost, HALP's; 0: cost "
             "alone decides between edges).")
     ] = 1.0,
@@ -141,7 +141,7 @@ def prune_cmd(
             help="With --target: how channel importances compare between edges in the "
             "budget's pruning order: divided by their edge's mean to this power (1: each "
             "edge's mean counts alike; 0: raw Taylor scores, a global ranking as in HALP).")
-    ] = 1.0,
+    ] = 0.0,
     gate_norm: Annotated[
         GateNorm, typer.Option(
             help="How gate gradients compare between edges: none (GATOR's raw gradients) or "

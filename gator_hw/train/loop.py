@@ -108,7 +108,7 @@ class TrainSettings:
     round_to: int = 1
     cost_source: str = "auto"
     importance_power: float = 1.0
-    importance_norm: float = 1.0
+    importance_norm: float = 0.0
     gate_norm: str = "none"
     calibrate: str = "auto"
     gate_epochs: int | None = None
