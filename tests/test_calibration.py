@@ -175,7 +175,8 @@ def test_a_latency_run_lands_where_the_measurement_says(latency_config, tmp_path
     assert res.budget_met and any("measured latency ratio" in line for line in lines)
     assert "measured latency: on" in lines[0]
     # off: no measurement, the predicted latency meets the target itself
-    res = train(replace(s, out=tmp_path / "off", calibrate="off"), log=lambda m: None)
+    res = train(replace(s, out=tmp_path / "off", calibrate="off", epochs=2, hold_epochs=0.5),
+                log=lambda m: None)
     assert res.fractions["latency"] <= 0.6 + 1e-9
     assert json.loads((tmp_path / "off" / "plan.json").read_text())["calibrations"] == []
 
