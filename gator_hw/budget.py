@@ -614,8 +614,8 @@ class Budget:
     ) -> BudgetStep:
         """Hold the kept network at the ceiling after ``step`` updates; return the new lambda."""
         c, crit, m = self.schedule.ceiling(step), self.criterion, self.metric
-        if step >= self.schedule.start_step and not self._scale_fixed:
-            self._scale_fixed = gates.fix_importance_scale()
+        if self.importance_norm and step >= self.schedule.start_step and not self._scale_fixed:
+            self._scale_fixed = gates.fix_importance_scale()  # only a normalised order reads it
         natural = crit.fraction(m, gates.kept_widths())  # this step's crossings, none undone
         reopened = limit_overshoot(gates, crit, m, c, optimizer)
         gates.update_masks()

@@ -311,18 +311,14 @@ class GateSet(nn.Module):
         self._grad_sum = torch.zeros_like(self._grad_sum)
 
     @torch.no_grad()
-    @torch.no_grad()
     def fix_importance_scale(self) -> bool:
         """Record each edge's mean importance as its scale, once (edges already set keep
         theirs): called when pruning starts, while every channel is open, so that it is the
-        mean cost to the task of closing one of the edge's channels. One vectorised update and
-        one device sync; returns whether every edge now has a scale."""
+        mean cost to the task of closing one of the edge's channels. One device sync; returns
+        whether every edge now has a scale."""
         if not len(self):
             return True
-        sizes = torch.tensor(self.channels, device=self.importance.device)
-        owner = torch.repeat_interleave(torch.arange(len(self), device=sizes.device), sizes)
-        sums = torch.zeros(len(self), dtype=self.importance.dtype, device=sizes.device)
-        means = sums.index_add_(0, owner, self.importance) / sizes
+        means = torch.stack([t.mean() for t in torch.split(self.importance, self.channels)])
         scale = self.importance_scale
         scale.copy_(torch.where(scale > 0, scale, means.to(scale.dtype)))
         return bool((scale > 0).all())
