@@ -2,12 +2,14 @@
 
 Counting conventions (per sample, i.e. batch 1, unless ``batch`` is given):
 
-* FLOPs are ``2 x MAC`` of conv and linear layers, as ``torch.utils.flop_counter`` counts them;
-  biases, batch norm, activations, pooling and additions are not counted. What
+* FLOPs are ``2 x MAC`` of conv and linear layers and of attention's matmuls, as
+  ``torch.utils.flop_counter`` counts them; biases, batch and layer norm, activations, pooling
+  and additions are not counted. What
   ``FlopCounterMode`` counts in ops without a channel rule (matmuls of attention, functional or
   transposed convs) is the graph's ``fixed_flops``, part of every network total.
-* Parameters are the learnable weights and biases of conv, linear and batch-norm layers
-  (running statistics are buffers, not parameters).
+* Parameters are the learnable weights and biases of conv, linear and norm layers, and the
+  parameters lined up with channels (layer scale, class token, position embedding); running
+  statistics are buffers, not parameters.
 * Bytes are the memory traffic of conv, linear and batch-norm layers: input activations read,
   output activations written and parameters read, at ``bytes_per_element`` (4 for float32).
 
@@ -81,6 +83,13 @@ def layer_cost(
 ) -> Cost:
     """Cost of one layer call when its edges have the given (possibly fractional) widths."""
     n_in, n_out = _width(call.in_layout, widths), _width(call.out_layout, widths)
+    if call.kind == "param":  # a parameter lined up with channels: spatial_out values each
+        params = n_out * call.spatial_out
+        return Cost(0.0, params, params * bytes_per_element)
+    if call.kind == "attention_core":  # q.k over every token pair, then the weighted values
+        macs = (n_in + n_out) * call.spatial_in * call.spatial_out * batch
+        acts = (2 * n_in + 2 * n_out) * call.spatial_in * batch
+        return Cost(2.0 * macs, 0.0, acts * bytes_per_element)
     if call.kind == "norm":
         params = 2.0 * n_out if call.bias else 0.0
         acts = (n_in * call.spatial_in + n_out * call.spatial_out) * batch
@@ -89,7 +98,7 @@ def layer_cost(
         weights = call.kernel * n_out
     elif call.kind == "conv":
         weights = call.kernel * n_in / call.groups * n_out
-    else:  # linear
+    else:  # linear, attention's packed projection and out_proj
         weights = n_in * n_out
     macs = weights * call.spatial_out * batch
     params = weights + (n_out if call.bias else 0.0)

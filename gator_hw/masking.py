@@ -4,7 +4,10 @@ Every channel of an edge reaches the rest of the network only through the layers
 (``in``, ``dw`` and ``gconv`` sites: convs and linears). Multiplying a layer's input by a
 per-channel vector at each of those sites therefore acts on the channel everywhere at once:
 a 0/1 mask gives exactly the network with those channels removed (``gator_hw.slim``), and a
-gate vector gives the gated network.
+gate vector gives the gated network. Two readers mix channels and are recomputed instead: a
+layer norm over channels takes its mean and variance weighted by the vector (over the kept
+channels only, for a mask), and self-attention scales its input features, query channels and
+value channels (``gator_hw.attention.masked_attention``).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph, Seg
+from gator_hw.attention import masked_attention
+from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph, LayerCall, Seg
 
-__all__ = ["expand_layout", "mask_model", "masked_output", "reader_layouts", "scale_inputs"]
+__all__ = ["expand_layout", "mask_model", "masked_layer_norm", "masked_output", "reader_layouts",
+           "scale_inputs"]
 
 
 def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
@@ -29,7 +34,7 @@ def _readers(graph: HyperGraph) -> dict[str, tuple[tuple[Seg, ...], bool]]:
     readers = {s.module for e in graph.edges for s in e.sites if s.role in READ_ROLES}
     out: dict[str, tuple[tuple[Seg, ...], bool]] = {}
     for call in graph.calls:
-        if call.module in readers and call.module not in out:
+        if call.kind in ("conv", "linear") and call.module in readers and call.module not in out:
             out[call.module] = (call.in_layout, call.channels_last)
     return out
 
@@ -88,6 +93,65 @@ def scale_inputs(
             return (x * _broadcast(scale, x, last), *args[1:])
 
         handles.append(modules[name].register_forward_pre_hook(hook))
+    handles += _mixing_hooks(modules, graph, vectors)
+    return handles
+
+
+def _touching(graph: HyperGraph, kind: str) -> dict[str, LayerCall]:
+    """The first call of each layer of ``kind`` that touches a prunable edge."""
+    out: dict[str, LayerCall] = {}
+    for call in graph.calls:
+        if call.kind == kind and call.module not in out and any(
+                s.gid < graph.n_edges for s in (*call.in_layout, *call.out_layout)):
+            out[call.module] = call
+    return out
+
+
+def masked_layer_norm(m: nn.LayerNorm, x: torch.Tensor, weights: torch.Tensor, dim: int
+                      ) -> torch.Tensor:
+    """``m(x)`` with its statistics over ``dim`` weighted by ``weights`` (0/1: over the kept
+    channels only, as the slimmed layer norm computes them)."""
+    total = weights.sum(dim, keepdim=True).clamp_min(1e-12)
+    mean = (x * weights).sum(dim, keepdim=True) / total
+    var = (weights * (x - mean) ** 2).sum(dim, keepdim=True) / total
+    y = (x - mean) * torch.rsqrt(var + m.eps)
+    if m.weight is not None:
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        y = y * m.weight.reshape(shape)
+        if m.bias is not None:
+            y = y + m.bias.reshape(shape)
+    return y
+
+
+def _mixing_hooks(modules: dict[str, nn.Module], graph: HyperGraph,
+                  vectors: Callable[[], Mapping[int, torch.Tensor]]) -> list:
+    """Forward hooks that recompute layer norms and self-attention under the vectors."""
+    handles = []
+    for name, call in _touching(graph, "norm").items():
+        if not isinstance(modules[name], nn.LayerNorm):
+            continue
+
+        def norm_hook(m: nn.Module, args: tuple, out, call=call):
+            scale = expand_layout(call.in_layout, vectors())
+            if scale is None:
+                return None
+            x = args[0]
+            dim = x.dim() - 1 if call.channels_last else 1
+            w = _broadcast(scale, x, call.channels_last)
+            return masked_layer_norm(m, x, w, dim)
+
+        handles.append(modules[name].register_forward_hook(norm_hook))
+    for name, call in _touching(graph, "attention").items():
+
+        def attention_hook(m: nn.Module, args: tuple, out, call=call):
+            vec = vectors()
+            s_in, s_proj = expand_layout(call.in_layout, vec), expand_layout(call.out_layout, vec)
+            if s_in is None and s_proj is None:
+                return None
+            return masked_attention(m, args[0], s_in, s_proj)
+
+        handles.append(modules[name].register_forward_hook(attention_hook))
     return handles
 
 

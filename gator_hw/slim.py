@@ -3,8 +3,12 @@
 Every layer that touches an edge is sliced at every site of the edge: conv / linear weights
 along their output and input dimensions, batch-norm affine parameters and running statistics,
 depthwise convs (``groups`` follows the channel count) and grouped convs (each group keeps the
-same number of channels, so ``groups`` is unchanged). The result equals the original model with
-the removed channels zeroed where they are read (see ``gator_hw.masking``).
+same number of channels, so ``groups`` is unchanged), layer norms, parameters lined up with
+channels (layer scale, class token, position embedding), and self-attention, which becomes a
+``SlimAttention``. Sizes the model stores for its forward follow (torchvision ViT's
+``hidden_dim``; the channel counts written into a traced model's reshapes). The result equals
+the original model with the removed channels zeroed where they are read (see
+``gator_hw.masking``).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import copy
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from gator_hw.attention import SlimAttention
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import HyperGraph, LayerCall, Plan, Seg
 
@@ -80,7 +85,77 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> None:
         buf = getattr(m, name, None)
         if buf is not None:
             setattr(m, name, buf[idx].clone())
-    m.num_features = len(idx)
+    if isinstance(m, nn.LayerNorm):
+        m.normalized_shape = (len(idx),)
+    else:
+        m.num_features = len(idx)
+
+
+def _owner(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def _slice_param(model: nn.Module, call: LayerCall, idx: torch.Tensor) -> None:
+    owner, attr = _owner(model, call.module)
+    t = getattr(owner, attr)
+    new = t.data.index_select(call.dim, idx.to(t.device)).clone()
+    setattr(owner, attr, _param(new) if isinstance(t, nn.Parameter) else new)
+
+
+def _slim_attention(model: nn.Module, m: nn.Module, call: LayerCall, out_call: LayerCall,
+                    keep: Mapping[int, Sequence[int]]) -> None:
+    if not isinstance(m, nn.MultiheadAttention):
+        raise GatorError(f"layer {call.module} is not the MultiheadAttention its graph recorded;"
+                         " the model does not match the graph it was traced as")
+    e = m.embed_dim
+    rows = layout_index(call.out_layout, keep)
+    out_idx = layout_index(out_call.out_layout, keep)
+    new = SlimAttention.from_mha(m, layout_index(call.in_layout, keep), rows[rows < e],
+                                 rows[rows >= 2 * e] - 2 * e, out_idx)
+    owner, attr = _owner(model, call.module)
+    setattr(owner, attr, new)
+
+
+def _vit_sizes() -> tuple[type, ...]:
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (VisionTransformer,)
+
+
+_VIT = _vit_sizes()
+
+
+def _stored_sizes(model: nn.Module) -> None:
+    """Sizes torchvision models keep for their forward follow the slimmed layers."""
+    for m in model.modules():
+        if isinstance(m, _VIT):
+            m.hidden_dim = m.conv_proj.out_channels
+
+
+def _reshape_sizes(gm: fx.GraphModule, graph: HyperGraph, keep: Mapping[int, Sequence[int]]
+                   ) -> None:
+    """A traced model writes channel counts into its reshapes as numbers: slim them too."""
+    changed = False
+    for node in gm.graph.nodes:
+        reshape = (node.op == "call_method" and node.target in ("reshape", "view")) or (
+            node.op == "call_function" and node.target is torch.reshape)
+        layout = graph.node_layouts.get(node.name)
+        if not reshape or layout is None or not any(s.gid in keep for s in layout):
+            continue
+        old, new = sum(s.width for s in layout), len(layout_index(layout, keep))
+        pos = -1 if node.name in graph.channels_last else 1
+        args = list(node.args)
+        nested = len(args) == 2 and isinstance(args[1], tuple | list)
+        sizes = list(args[1]) if nested else args[1:]
+        if len(sizes) > 1 and sizes[pos] == old:
+            sizes[pos] = new
+            node.args = (args[0], tuple(sizes)) if nested else (args[0], *sizes)
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _touches(call: LayerCall, keep: Mapping[int, Sequence[int]]) -> bool:
@@ -92,6 +167,8 @@ def _dims(m: nn.Module, call: LayerCall) -> tuple[int, int] | None:
     """(output, input) channel counts of a layer as its weights say, or None if not a layer."""
     if call.kind == "norm":
         n = getattr(m, "num_features", None)
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            n = m.normalized_shape[0]
         return (n, n) if n is not None else None
     w = getattr(m, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
@@ -123,16 +200,31 @@ def slim(model: nn.Module, graph: HyperGraph, plan: Plan, *, missing_ok: bool = 
             if len(idx) < graph.edges[g].channels}
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
+    outs = {c.module: c for c in graph.calls if c.kind == "attention_out"}
     done: set[str] = set()
     for call in graph.calls:
-        if call.module in done or not _touches(call, keep):
+        if call.kind in ("attention_core", "attention_out") or call.module in done:
+            continue
+        out_call = outs.get(f"{call.module}.out_proj")
+        if not (_touches(call, keep) or (out_call is not None and _touches(out_call, keep))):
             continue
         done.add(call.module)
+        if call.kind == "param":
+            if _has_attr(new, call.module):
+                with torch.no_grad():
+                    _slice_param(new, call, layout_index(call.out_layout, keep))
+            elif not missing_ok:
+                raise GatorError(f"the model has no parameter {call.module}; it does not match "
+                                 "its graph")
+            continue
         m = modules.get(call.module)
         if m is None and missing_ok:
             continue
         if m is None:
             raise GatorError(f"the model has no layer {call.module}; it does not match its graph")
+        if call.kind == "attention":
+            _slim_attention(new, m, call, out_call, keep)
+            continue
         _check_shape(m, call)
         out_idx = layout_index(call.out_layout, keep)
         in_idx = layout_index(call.in_layout, keep)
@@ -143,4 +235,15 @@ def slim(model: nn.Module, graph: HyperGraph, plan: Plan, *, missing_ok: bool = 
                 _slice_linear(m, out_idx, in_idx)
             elif call.kind == "norm":
                 _slice_norm(m, out_idx)
+    _stored_sizes(new)
+    if isinstance(new, fx.GraphModule) and keep:
+        _reshape_sizes(new, graph, keep)
     return new
+
+
+def _has_attr(model: nn.Module, path: str) -> bool:
+    try:
+        owner, attr = _owner(model, path)
+    except AttributeError:
+        return False
+    return isinstance(getattr(owner, attr, None), torch.Tensor)

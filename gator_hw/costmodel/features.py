@@ -86,7 +86,7 @@ class FeatureMap:
         return {i: w[:, i] for i in range(w.shape[1])}
 
     def _calls(self):
-        return [c for c in self.graph.calls if c.kind != "norm"]
+        return [c for c in self.graph.calls if c.kind not in ("norm", "param")]
 
     def layer_names(self) -> list[str]:
         names = [f"{k}:{c.module}" for c in self._calls() for k in ("gflops", "mbytes")]

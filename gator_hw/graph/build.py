@@ -13,7 +13,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import ChannelGroup, HyperGraph, LayerCall, Seg, Site
-from gator_hw.graph.rules import CHANNELS_LAST_RULES, Builder, Call, LastDim, Layout, rule_for
+from gator_hw.graph.rules import (
+    CHANNELS_LAST_RULES,
+    CONST_RULES,
+    LAYER_NORM_2D,
+    TUPLE_RULES,
+    Builder,
+    Call,
+    Const,
+    LastDim,
+    Layout,
+    TupleOf,
+    rule_for,
+)
 
 __all__ = ["build_hypergraph", "trace"]
 
@@ -27,7 +39,8 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
     model.eval()
     try:
         try:
-            gm = fx.symbolic_trace(model)
+            tracer = _Tracer()
+            gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
         except Exception as exc:  # data-dependent control flow etc.: the user's model
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GatorError(
@@ -46,6 +59,14 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
     finally:
         model.train(was_training)
     return gm
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the layer norms of ``LAYER_NORM_2D`` kept as leaves (their
+    forward permutes around ``F.layer_norm``; as one call they get the layer-norm rule)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LAYER_NORM_2D) or super().is_leaf_module(m, qualname)
 
 
 def _counted_paths():
@@ -106,12 +127,18 @@ def _run_rules(gm: fx.GraphModule) -> tuple[Builder, dict[str, Layout]]:
         if node.op == "placeholder":
             layouts[node] = b.fresh(shape, "network input")
         elif node.op == "get_attr":
-            layouts[node] = b.fresh(shape, f"constant tensor {node.target}")
+            layouts[node] = Const(str(node.target), shape, shape) if shape else None
         elif node.op == "output":
             for arg in _tensor_args(node.args, node.kwargs):
                 b.freeze(layouts.get(arg), "network output")
         else:
             args = _tensor_args(node.args, node.kwargs)
+            in_layouts = [layouts.get(a) for a in args]
+            in_shapes = [_shape(a) for a in args]
+            rule = _rule(node, modules)
+            if rule not in CONST_RULES:
+                in_layouts = [b.materialize(lay, shp) for lay, shp in zip(in_layouts, in_shapes,
+                                                                          strict=True)]
             call = Call(
                 order=order,
                 kind=node.op,
@@ -120,16 +147,27 @@ def _run_rules(gm: fx.GraphModule) -> tuple[Builder, dict[str, Layout]]:
                 module=modules.get(node.target) if node.op == "call_module" else None,
                 args=node.args,
                 kwargs=dict(node.kwargs),
-                in_layouts=[layouts.get(a) for a in args],
-                in_shapes=[_shape(a) for a in args],
+                in_layouts=in_layouts,
+                in_shapes=in_shapes,
                 out_shape=shape,
             )
-            rule = rule_for(call)
             if rule not in CHANNELS_LAST_RULES and any(
                     isinstance(lay, LastDim) for lay in call.in_layouts):
                 rule = None  # channels-last features reach an op that cannot follow them
+            if rule not in TUPLE_RULES and any(
+                    isinstance(lay, TupleOf) for lay in call.in_layouts):
+                rule = None  # a tuple result read other than element by element
             layouts[node] = rule(b, call) if rule is not None else b.unknown(call)
-    return b, {n.name: lay for n, lay in layouts.items() if lay is not None}
+    b.freeze_shared_consts()
+    return b, {n.name: lay for n, lay in layouts.items()
+               if lay is not None and not isinstance(lay, Const | TupleOf)}
+
+
+def _rule(node: fx.Node, modules: dict[str, nn.Module]):
+    """The registered rule for a traced node (None if it has none)."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    probe = Call(0, node.op, node.target, "", module, (), {}, [], [], None)
+    return rule_for(probe)
 
 
 def _channels_last(node_layouts: dict[str, Layout]) -> frozenset[str]:
@@ -187,7 +225,7 @@ def _finalize(
         reasons = list(dict.fromkeys(sp.reasons))
         if not reasons and not any(s[2] == "out" for s in sites):
             reasons.append("no conv or linear layer writes these channels")
-        if not reasons and not any(s[2] in ("in", "dw", "gconv") for s in sites):
+        if not reasons and not any(s[2] in ("in", "dw", "gconv", "attn") for s in sites):
             reasons.append("no layer reads these channels")
         last_write = max((s[0] for s in sites if s[2] in ("out", "dw", "gconv")), default=-1)
         key = (bool(reasons), last_write if not reasons else sites[0][0], sid)
@@ -198,7 +236,7 @@ def _finalize(
     used: set[str] = set()
     for gid, (_, sid, sp, sites, writers, reasons) in enumerate(entries):
         gid_of[sid] = gid
-        name = _group_name(writers, sites, reasons)
+        name = sp.name or _group_name(writers, sites, reasons)
         base, k = name, 1
         while name in used:
             k += 1

@@ -15,10 +15,13 @@ __all__ = [
 
 
 def readers_only_of(graph: HyperGraph) -> set[int]:
-    """Edges whose every reading layer reads nothing else."""
+    """Edges whose every reading layer reads nothing else (never an edge that a layer norm
+    normalises or attention's matmuls read: those keep a channel)."""
     layouts = {c.module: c.in_layout for c in graph.calls}
     out = set()
     for e in graph.edges:
+        if any(s.role in ("ln", "attn") for s in e.sites):
+            continue
         readers = {s.module for s in e.sites if s.role in READ_ROLES}
         if readers and all(
             all(seg.gid == e.gid for seg in layouts[m]) for m in readers if m in layouts

@@ -28,8 +28,11 @@ Plan = Mapping[int | str, Sequence[int] | torch.Tensor]
 
 #: site roles: ``out`` writes channels (conv/linear output dim), ``in`` reads them (input dim),
 #: ``dw`` a depthwise conv (reads and writes the same channels), ``gconv`` a grouped conv whose
-#: input and output share the edge, ``norm`` a per-channel affine layer (batch norm).
-ROLES = ("out", "in", "dw", "gconv", "norm")
+#: input and output share the edge, ``norm`` a per-channel affine layer (batch norm), ``ln`` a
+#: layer norm over the channels, ``param`` a parameter lined up with the channels (layer
+#: scale, class token, position embedding; ``module`` is the parameter's name), ``attn`` the
+#: query/key and value channels that attention's matmuls read.
+ROLES = ("out", "in", "dw", "gconv", "norm", "ln", "param", "attn")
 READ_ROLES = ("in", "dw", "gconv")
 WRITE_ROLES = ("out", "dw", "gconv")
 
@@ -103,9 +106,12 @@ Hyperedge = ChannelGroup  # a prunable ChannelGroup; its ``gid`` is its edge ind
 class LayerCall:
     """One call of a layer with weights, with the channel layout of its input and output.
 
-    ``kind`` is ``conv``, ``linear`` or ``norm``. ``spatial_in`` / ``spatial_out`` are the
-    positions per sample that each channel covers (H*W for conv; tokens for linear), and
-    ``kernel`` the kernel area. ``depthwise`` convs have ``groups`` equal to their channels.
+    ``kind`` is ``conv``, ``linear``, ``norm`` (batch or layer norm), ``param`` (a parameter
+    lined up with channels), or ``attention`` / ``attention_core`` / ``attention_out`` (the
+    packed projection, the matmuls and ``out_proj`` of a ``MultiheadAttention``).
+    ``spatial_in`` / ``spatial_out`` are the positions per sample that each channel covers
+    (H*W for conv; tokens for linear), and ``kernel`` the kernel area. ``depthwise`` convs
+    have ``groups`` equal to their channels.
     """
 
     module: str
@@ -123,6 +129,7 @@ class LayerCall:
     in_hw: tuple[int, ...] = ()
     out_hw: tuple[int, ...] = ()
     channels_last: bool = False  # a Linear on (batch, ..., features): channels are the last dim
+    dim: int = 1  # kind ``param``: the parameter's dim that carries the channels
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from torch import nn
 from gator_hw.errors import GatorError
 
 __all__ = [
-    "CHANNELS_LAST_RULES", "Builder", "Call", "LastDim", "Layout", "Run", "Space",
-    "channel_rule", "rule_for",
+    "CHANNELS_LAST_RULES", "CONST_RULES", "LAYER_NORM_2D", "TUPLE_RULES", "Builder", "Call",
+    "Const", "LastDim", "Layout", "Run", "Space", "TupleOf", "channel_rule", "rule_for",
 ]
 
 
@@ -43,6 +43,7 @@ class Space:
     sites: list = field(default_factory=list)  # (order, module, role, offset, repeat)
     reasons: list[str] = field(default_factory=list)
     groups: int = 1
+    name: str | None = None  # a name the group keeps (attention's ``:qk`` / ``:v``)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,25 @@ class LastDim(tuple):
     """The layout of a channels-last tensor's last dim, ``(batch, ..., features)``: what a
     Linear on tokens writes. Only Linear and pointwise ops pass it on; any other op freezes it
     (see ``CHANNELS_LAST_RULES``)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Const:
+    """A parameter or buffer read with ``get_attr`` (``target``), possibly expanded to
+    ``shape``: it has no channels of its own until an elementwise op or a concatenation lines
+    one of its dims up with channels (layer scale, class token, position embedding). Any other
+    op sees it as a frozen constant."""
+
+    target: str
+    param_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+class TupleOf(tuple):
+    """The layouts of a tuple result (``MultiheadAttention``'s (output, weights)), one per
+    element (None where it has none); only ``getitem`` reads it."""
 
     __slots__ = ()
 
@@ -146,6 +166,8 @@ class Builder:
     def __init__(self) -> None:
         self.spaces: list[Space] = []
         self.layer_calls: list[dict] = []
+        self.const_sites: dict[str, list[Layout]] = {}  # constant -> layouts it is a site of
+        self.const_other: set[str] = set()  # constants also read by an op without a rule
 
     # -- union-find -----------------------------------------------------------------------
     def new_space(self, size: int, reason: str | None = None) -> int:
@@ -174,9 +196,17 @@ class Builder:
         sa.sites += sb.sites
         sa.reasons += sb.reasons
         sa.groups = math.lcm(sa.groups, sb.groups)
+        sa.name = sa.name or sb.name
         return ra
 
     def freeze(self, layout: Layout | None, reason: str) -> None:
+        if isinstance(layout, TupleOf):
+            for part in layout:
+                self.freeze(part, reason)
+            return
+        if isinstance(layout, Const):
+            self.const_other.add(layout.target)
+            return
         for run in layout or ():
             reasons = self.spaces[self.find(run.sid)].reasons
             if reason not in reasons:
@@ -227,10 +257,39 @@ class Builder:
         self.freeze(b, reason)
         return a
 
-    def record_layer(self, call: Call, kind: str, in_layout: Layout, out_layout: Layout, **kw: Any):
+    def materialize(self, layout: Any, shape: tuple[int, ...] | None) -> Layout | None:
+        """A ``Const`` as the frozen channel space of its dim 1 (what every rule that does not
+        know constants gets); other layouts unchanged."""
+        if not isinstance(layout, Const):
+            return layout
+        self.const_other.add(layout.target)
+        return self.fresh(shape, f"constant tensor {layout.target}")
+
+    def const_site(self, call: Call, const: Const, dim: int, layout: Layout) -> None:
+        """``const``'s dim ``dim`` (in its own shape) carries the channels of ``layout``."""
+        if any(r.repeat != 1 for r in layout):
+            self.freeze(layout, f"constant tensor {const.target} meets flattened channels")
+            return
+        self.add_site(layout, call.order, const.target, "param")
+        per = math.prod(const.param_shape) // max(1, const.param_shape[dim])
+        self.record_layer(call, "param", layout, layout, module=const.target, dim=dim,
+                          spatial_in=per, spatial_out=per)
+        self.const_sites.setdefault(const.target, []).append(layout)
+
+    def freeze_shared_consts(self) -> None:
+        """A constant that is a channel site and also read by an op without a rule cannot be
+        sliced: freeze the channels it lines up with."""
+        for target, layouts in self.const_sites.items():
+            if target in self.const_other:
+                for lay in layouts:
+                    self.freeze(lay, f"constant tensor {target} is also read by an op without "
+                                     "a channel rule")
+
+    def record_layer(self, call: Call, kind: str, in_layout: Layout, out_layout: Layout, *,
+                     module: str | None = None, **kw: Any):
         self.layer_calls.append(
             dict(
-                module=call.name,
+                module=module or call.name,
                 kind=kind,
                 order=call.order,
                 in_layout=in_layout,
@@ -469,17 +528,59 @@ def _flatten(b: Builder, call: Call) -> Layout | None:
 
 @channel_rule("method:view", "method:reshape", torch.reshape)
 def _reshape(b: Builder, call: Call) -> Layout | None:
-    shape, out = call.in_shapes[0], call.out_shape
-    if (
-        shape is not None
-        and out is not None
-        and len(out) == 2
-        and out[0] == shape[0]
-        and len(shape) >= 2
-    ):
+    """Flatten into (batch, features); or a reshape of the positions only, which keeps the
+    batch and the channel dim (dim 1, or the last dim of channels-last features)."""
+    shape, out, x = call.in_shapes[0], call.out_shape, call.in_layouts[0]
+    if shape is None or out is None or x is None or len(shape) < 2 or out[0] != shape[0]:
+        return b.unknown(call, f"{call.name} reshapes channels")
+    if isinstance(x, LastDim):
+        if len(out) >= 3 and out[-1] == shape[-1]:
+            return x
+    elif len(out) == 2:
         rep = math.prod(shape[2:]) if len(shape) > 2 else 1
-        return tuple(Run(r.sid, r.length, r.repeat * rep) for r in call.in_layouts[0])
+        return tuple(Run(r.sid, r.length, r.repeat * rep) for r in x)
+    elif len(out) >= 3 and out[1] == shape[1] and all(r.repeat == 1 for r in x):
+        return x
     return b.unknown(call, f"{call.name} reshapes channels")
+
+
+def _permutation(call: Call) -> tuple[int, ...] | None:
+    rest = call.args[1:] if call.kind == "call_method" else call.args[1:2]
+    dims = call.kwargs.get("dims", rest[0] if len(rest) == 1 else rest)
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, tuple | list) or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(d % len(dims) for d in dims)
+
+
+@channel_rule(torch.permute, "method:permute")
+def _permute(b: Builder, call: Call) -> Layout | None:
+    """Channels-first <-> channels-last (ConvNeXt's blocks, a ViT's patch tokens): the channel
+    dim moves to the last place or back to dim 1; the batch stays first."""
+    x, shape = call.in_layouts[0], call.in_shapes[0]
+    dims = _permutation(call)
+    if x is None or shape is None or dims is None or len(dims) != len(shape) or dims[0] != 0:
+        return b.unknown(call)
+    last = len(shape) - 1
+    if any(r.repeat != 1 for r in x):
+        return b.unknown(call, f"{call.name} permutes flattened channels")
+    if isinstance(x, LastDim):
+        if dims[1] == last:
+            return tuple(x)
+        return x if dims[-1] == last else b.unknown(call)
+    if dims[-1] == 1:
+        return LastDim(x)
+    return x if dims[1] == 1 else b.unknown(call)
+
+
+@channel_rule("method:expand")
+def _expand(b: Builder, call: Call) -> Layout | None:
+    """A constant expanded to the batch (ViT's class token) stays a constant."""
+    x, out = call.in_layouts[0], call.out_shape
+    if isinstance(x, Const) and out is not None:
+        return Const(x.target, x.param_shape, tuple(out))
+    return b.unknown(call, f"{call.name} expands a tensor with channels")
 
 
 @channel_rule("method:mean", torch.mean, "method:amax", torch.amax)
@@ -515,34 +616,85 @@ def _reduce(b: Builder, call: Call) -> Layout | None:
     "method:mul_",
 )
 def _elementwise(b: Builder, call: Call) -> Layout | None:
-    tensors = [
-        (lay, shp)
-        for lay, shp in zip(call.in_layouts, call.in_shapes, strict=True)
-        if shp is not None
-    ]
-    if call.out_shape is None:
+    """Residual adds, layer scales, channel-wise multiplies (squeeze-excitation).
+
+    Inputs broadcast from the right, so an input's channel dim is the one lined up with the
+    output's (dim 1, or the last dim of channels-last features); an input whose lined-up dim
+    is 1 (or missing) has no channels. Channel inputs become one space; a constant lined up
+    with the channels (layer scale, position embedding) becomes a ``param`` site of it.
+    """
+    out_shape = call.out_shape
+    if out_shape is None:
         return None
-    channel = [(lay, shp) for lay, shp in tensors if len(shp) >= 2 and shp[1] != 1]
-    if any(lay is None for lay, _ in channel):
-        return b.unknown(call)
-    if len(channel) == 0:
+    tensors = [(lay, shp) for lay, shp in zip(call.in_layouts, call.in_shapes, strict=True)
+               if shp is not None]
+    if len(out_shape) < 2:
+        return b.unknown(call) if any(lay is not None for lay, _ in tensors) else None
+    last = any(isinstance(lay, LastDim) for lay, _ in tensors)
+    cdim = len(out_shape) - 1 if last else 1
+    channel: list[Layout] = []
+    consts: list[tuple[Const, int]] = []
+    for lay, shp in tensors:
+        d = cdim - (len(out_shape) - len(shp))
+        if d < 0 or shp[d] == 1:
+            continue  # broadcast over the channels
+        if isinstance(lay, Const):
+            consts.append((lay, d))
+        elif lay is None or isinstance(lay, TupleOf):
+            return b.unknown(call)
+        elif isinstance(lay, LastDim) or d == 1 and (not last or d == len(shp) - 1):
+            channel.append(lay)
+        else:
+            return b.unknown(call, f"{call.name} broadcasts over channels")
+    if not channel:
+        if consts or any(isinstance(lay, Const) for lay, _ in tensors):
+            return b.unknown(call)
         return tensors[0][0] if tensors else None
-    if any(len(shp) >= 2 and shp[1] != call.out_shape[1] for _, shp in channel):
-        return b.unknown(call, f"{call.name} broadcasts over channels")
-    out = channel[0][0]
-    for lay, _ in channel[1:]:
+    out = channel[0]
+    for lay in channel[1:]:
         out = b.join(call.name, out, lay)
-    return out
+    for const, d in consts:
+        _const_on(b, call, const, d, out)
+    return LastDim(out) if last else tuple(out)
+
+
+def _const_on(b: Builder, call: Call, const: Const, d: int, layout: Layout) -> None:
+    """``const``'s dim ``d`` (of its expanded shape) lines up with ``layout``'s channels."""
+    dim = d - (len(const.shape) - len(const.param_shape))
+    if dim < 0 or const.param_shape[dim] == 1:
+        return  # expanded over the channels: it has none of its own
+    b.const_site(call, const, dim, layout)
 
 
 @channel_rule(torch.cat, torch.concat)
 def _cat(b: Builder, call: Call) -> Layout | None:
-    dim = call.arg(1, "dim", 0)
-    if call.out_shape is None or len(call.out_shape) < 2 or dim % len(call.out_shape) != 1:
-        return b.unknown(call, f"{call.name} concatenates along a dimension other than channels")
-    if any(lay is None for lay in call.in_layouts):
+    """Along the channels: their runs in order. Along the positions of channels-last features
+    (ViT's class token before its patch tokens): one space, constants become sites of it."""
+    out = call.out_shape
+    if out is None or len(out) < 2:
         return b.unknown(call)
-    return tuple(run for lay in call.in_layouts for run in lay)
+    dim = call.arg(1, "dim", 0) % len(out)
+    layouts = call.in_layouts
+    if any(isinstance(lay, LastDim) for lay in layouts):
+        if dim == len(out) - 1 and all(isinstance(lay, LastDim) for lay in layouts):
+            return LastDim(run for lay in layouts for run in lay)
+        if dim in (0, len(out) - 1) or not all(isinstance(lay, LastDim | Const)
+                                               for lay in layouts):
+            return b.unknown(call, f"{call.name} concatenates along a dimension other than "
+                                   "channels")
+        feats = [lay for lay in layouts if isinstance(lay, LastDim)]
+        joined = feats[0]
+        for lay in feats[1:]:
+            joined = b.join(call.name, joined, lay)
+        for lay in layouts:
+            if isinstance(lay, Const):
+                _const_on(b, call, lay, len(lay.shape) - 1, joined)
+        return LastDim(joined)
+    if dim != 1:
+        return b.unknown(call, f"{call.name} concatenates along a dimension other than channels")
+    if any(lay is None or isinstance(lay, Const | TupleOf) for lay in layouts):
+        return b.unknown(call)
+    return tuple(run for lay in layouts for run in lay)
 
 
 def _getattr_like(b: Builder, call: Call) -> Layout | None:
@@ -552,7 +704,139 @@ def _getattr_like(b: Builder, call: Call) -> Layout | None:
     return None
 
 
-channel_rule(getattr, operator.getitem, "method:size", "method:dim")(_getattr_like)
+channel_rule(getattr, "method:size", "method:dim")(_getattr_like)
+
+
+def _keeps_last_dim(index: Any, rank: int) -> bool:
+    """Whether ``x[index]`` keeps the batch whole and leaves the last dim alone."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(not isinstance(i, int | slice) and i is not Ellipsis for i in items):
+        return False  # tensors (advanced indexing), None (new axes)
+    if not items or items[0] != slice(None):
+        return False
+    if Ellipsis in items:
+        tail = items[items.index(Ellipsis) + 1:]
+        return not tail or tail[-1] == slice(None)
+    return len(items) < rank or items[-1] == slice(None)
+
+
+@channel_rule(operator.getitem)
+def _getitem(b: Builder, call: Call) -> Layout | None:
+    """An element of a tuple result; positions picked from channels-last features (ViT's
+    ``x[:, 0]``: the class token, a (batch, features) tensor)."""
+    src = call.in_layouts[0] if call.in_layouts else None
+    index = call.args[1] if len(call.args) > 1 else None
+    if isinstance(src, TupleOf):
+        if isinstance(index, int) and -len(src) <= index < len(src):
+            return src[index]
+        return b.unknown(call)
+    shape, out = call.in_shapes[0] if call.in_shapes else None, call.out_shape
+    if (isinstance(src, LastDim) and shape is not None and out is not None and len(out) >= 2
+            and out[0] == shape[0] and out[-1] == shape[-1]
+            and _keeps_last_dim(index, len(shape))):
+        return src if len(out) > 2 else tuple(src)
+    return _getattr_like(b, call)
+
+
+# -------------------------------------------------------------------------------------------
+# transformers: layer norm over the channels, multi-head attention
+# -------------------------------------------------------------------------------------------
+def _layer_norm_2d() -> tuple[type, ...]:
+    """torchvision's channels-first layer norm (ConvNeXt's stem, downsampling and head)."""
+    try:
+        from torchvision.models.convnext import LayerNorm2d
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (LayerNorm2d,)
+
+
+#: layer norms that normalise dim 1 of a channels-first tensor; traced as leaves
+LAYER_NORM_2D = _layer_norm_2d()
+
+
+@channel_rule(nn.LayerNorm)
+def _layer_norm(b: Builder, call: Call) -> Layout | None:
+    """A layer norm over the channels (the last dim, or dim 1 for ``LAYER_NORM_2D``): its
+    affine terms are sliced, and masking takes its statistics over the kept channels only."""
+    m, x, shape = call.module, call.in_layouts[0], call.in_shapes[0]
+    dim2d = isinstance(m, LAYER_NORM_2D)
+    if (not dim2d and type(m) is not nn.LayerNorm) or x is None or shape is None:
+        return b.unknown(call, f"{call.name} is a layer norm whose forward gator-hw does not know")
+    width = sum(r.length * r.repeat for r in x)
+    on_channels = (dim2d and not isinstance(x, LastDim)) or (
+        not dim2d and (isinstance(x, LastDim) or len(shape) == 2))
+    if len(m.normalized_shape) != 1 or m.normalized_shape[0] != width or not on_channels:
+        return b.unknown(call, f"{call.name} normalises over more than the channels")
+    if any(r.repeat != 1 for r in x):
+        return b.unknown(call, f"{call.name} normalises flattened channels")
+    b.add_site(x, call.order, call.name, "ln")
+    positions = math.prod(shape[1:]) // width
+    b.record_layer(call, "norm", x, x, bias=m.elementwise_affine, spatial_in=positions,
+                   spatial_out=positions, channels_last=isinstance(x, LastDim))
+    return x
+
+
+def _self_attention(call: Call) -> str | None:
+    """Why ``call`` is not a self-attention gator-hw can prune (None when it is)."""
+    m, args, kw = call.module, call.args, call.kwargs
+    if len(args) < 3 or not (args[0] is args[1] is args[2]):
+        return "is not a self-attention (query, key and value differ)"
+    if not (m.batch_first and m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None
+            and not m.add_zero_attn):
+        return "is not batch-first with one packed projection"
+    if len(args) > 3 or any(kw.get(k) is not None for k in
+                            ("key_padding_mask", "attn_mask")) or kw.get("is_causal"):
+        return "takes a mask"
+    if kw.get("need_weights", True):
+        return "returns its attention weights (call it with need_weights=False)"
+    x, shape = call.in_layouts[0], call.in_shapes[0]
+    if not isinstance(x, LastDim) or shape is None or len(shape) != 3:
+        return "reads features that are not (batch, tokens, features)"
+    if sum(r.length * r.repeat for r in x) != m.embed_dim or any(r.repeat != 1 for r in x):
+        return "reads features no channel rule follows"
+    return None
+
+
+@channel_rule(nn.MultiheadAttention)
+def _attention(b: Builder, call: Call) -> Layout | None:
+    """Batch-first self-attention: its input features (read by the packed q/k/v projection),
+    the query/key channels and the value channels of its heads (each kept evenly over the
+    heads, so every head keeps its own), and its output features (``out_proj``).
+
+    Three layer calls record it: ``attention`` (the packed projection), ``attention_core``
+    (the score and weighting matmuls) and ``attention_out`` (``out_proj``).
+    """
+    why = _self_attention(call)
+    if why is not None:
+        return b.unknown(call, f"{call.name} {why}")
+    m, x, shape = call.module, call.in_layouts[0], call.in_shapes[0]
+    e, heads, tokens = m.embed_dim, m.num_heads, shape[1]
+    qk, v = b.new_space(e), b.new_space(e)
+    for sid, part in ((qk, "qk"), (v, "v")):
+        b.spaces[sid].groups, b.spaces[sid].name = heads, f"{call.name}:{part}"
+    projected = LastDim((Run(qk, e), Run(qk, e), Run(v, e)))
+    values = LastDim((Run(v, e),))
+    out = LastDim((Run(b.new_space(e), e),))
+    b.add_site(x, call.order, call.name, "in")
+    b.add_site(projected, call.order, call.name, "out")
+    b.add_site(LastDim((Run(qk, e), Run(v, e))), call.order, call.name, "attn")
+    b.add_site(values, call.order, f"{call.name}.out_proj", "in")
+    b.add_site(out, call.order, f"{call.name}.out_proj", "out")
+    common = dict(spatial_in=tokens, spatial_out=tokens, channels_last=True, groups=heads)
+    b.record_layer(call, "attention", x, projected, bias=m.in_proj_bias is not None, **common)
+    b.record_layer(call, "attention_core", (Run(qk, e),), values, module=f"{call.name}.core",
+                   **common)
+    b.record_layer(call, "attention_out", values, out, module=f"{call.name}.out_proj",
+                   bias=m.out_proj.bias is not None, **common)
+    return TupleOf((out, None))
+
 
 #: the rules that accept a channels-last (``LastDim``) input; any other op freezes it
-CHANNELS_LAST_RULES = (_linear, _per_channel, _getattr_like)
+CHANNELS_LAST_RULES = (_linear, _per_channel, _getattr_like, _reshape, _permute, _elementwise,
+                       _cat, _getitem, _layer_norm, _attention)
+
+#: the rules that know ``Const`` inputs; any other rule gets them as frozen constants
+CONST_RULES = (_expand, _elementwise, _cat)
+
+#: the rules that read a tuple result (``TupleOf``); any other op freezes it
+TUPLE_RULES = (_getitem,)
