@@ -169,6 +169,10 @@ def _dims(m: nn.Module, call: LayerCall) -> tuple[int, int] | None:
         n = getattr(m, "num_features", None)
         if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
             n = m.normalized_shape[0]
+        for name in ("running_mean", "weight"):  # a traced model's shell of a norm layer
+            t = getattr(m, name, None)
+            if n is None and isinstance(t, torch.Tensor):
+                n = t.shape[0]
         return (n, n) if n is not None else None
     w = getattr(m, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:

@@ -27,3 +27,19 @@ def test_family_is_sound(name: str, one_thread) -> None:
     assert row.edges > 0 and row.half_flops_ratio < 0.7
     if name in ("convnext_tiny", "vit_b_32"):  # residual stream, heads and MLPs all at half
         assert row.half_flops_ratio <= 0.35 and row.fixed_flops_share == 0.0
+
+
+#: timm (optional): its functional batch norm (BatchNormAct2d), its LayerNorm2d, its ViT
+TIMM = {"efficientnet_b0": 64, "convnext_atto": 64, "vit_tiny_patch16_224": 224}
+
+
+@pytest.mark.parametrize("name", list(TIMM))
+def test_timm_family_is_sound(name: str, one_thread) -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(name, pretrained=False, num_classes=10)  # random init: no download
+    row = check_model(f"timm:{name}", model, TIMM[name])
+    assert row.error == "" and row.empty_plan_changes == 0
+    assert row.flops_error <= 1e-12 and row.half_flops_error <= 1e-12
+    assert row.slim_error <= 1e-9 and row.convert_error <= 1e-9
+    assert row.input_sensitivity > 1e-6
+    assert row.half_flops_ratio < (0.3 if name != "vit_tiny_patch16_224" else 0.5)

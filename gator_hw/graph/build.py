@@ -16,7 +16,6 @@ from gator_hw.graph.hypergraph import ChannelGroup, HyperGraph, LayerCall, Seg, 
 from gator_hw.graph.rules import (
     CHANNELS_LAST_RULES,
     CONST_RULES,
-    LAYER_NORM_2D,
     TUPLE_RULES,
     Builder,
     Call,
@@ -24,6 +23,8 @@ from gator_hw.graph.rules import (
     LastDim,
     Layout,
     TupleOf,
+    layer_norms_2d,
+    layer_norms_last,
     rule_for,
 )
 
@@ -62,11 +63,16 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with the layer norms of ``LAYER_NORM_2D`` kept as leaves (their
-    forward permutes around ``F.layer_norm``; as one call they get the layer-norm rule)."""
+    """torch.fx's tracer, with the layer norms of ``layer_norms_2d`` and ``layer_norms_last``
+    kept as leaves (their forwards call ``F.layer_norm``, around permutes for the 2-D ones; as
+    one call they get the layer-norm rule, and masking hooks them as modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms = layer_norms_2d() + layer_norms_last()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LAYER_NORM_2D) or super().is_leaf_module(m, qualname)
+        return type(m) in self.norms or super().is_leaf_module(m, qualname)
 
 
 def _counted_paths():
@@ -118,16 +124,17 @@ def _readable(node: fx.Node) -> str:
     return f"{target} ({node.name})"
 
 
-def _run_rules(gm: fx.GraphModule) -> tuple[Builder, dict[str, Layout]]:
+def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str, Layout]]:
     b = Builder()
     layouts: dict[fx.Node, Layout | None] = {}
     modules = dict(gm.named_modules())
+    b.modules = dict(model.named_modules())  # the traced copy keeps bare shells of some
     for order, node in enumerate(gm.graph.nodes):
         shape = _shape(node)
         if node.op == "placeholder":
             layouts[node] = b.fresh(shape, "network input")
         elif node.op == "get_attr":
-            layouts[node] = Const(str(node.target), shape, shape) if shape else None
+            layouts[node] = Const.of(str(node.target), shape) if shape else None
         elif node.op == "output":
             for arg in _tensor_args(node.args, node.kwargs):
                 b.freeze(layouts.get(arg), "network output")
@@ -291,7 +298,7 @@ def build_hypergraph(
     the FLOPs they do (attention matmuls, functional convs) are ``HyperGraph.fixed_flops``.
     """
     gm = trace(model, input_shape, name)
-    b, node_layouts = _run_rules(gm)
+    b, node_layouts = _run_rules(gm, model)
     _unify_shared_modules(b)
     return _finalize(b, node_layouts, _dataflow(gm), name, input_shape, gm.meta["flops"])
 

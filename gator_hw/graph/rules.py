@@ -28,8 +28,9 @@ from torch import nn
 from gator_hw.errors import GatorError
 
 __all__ = [
-    "CHANNELS_LAST_RULES", "CONST_RULES", "LAYER_NORM_2D", "TUPLE_RULES", "Builder", "Call",
-    "Const", "LastDim", "Layout", "Run", "Space", "TupleOf", "channel_rule", "rule_for",
+    "CHANNELS_LAST_RULES", "CONST_RULES", "TUPLE_RULES",
+    "Builder", "Call", "Const", "LastDim", "Layout", "Run", "Space", "TupleOf", "channel_rule",
+    "layer_norms_2d", "layer_norms_last", "rule_for",
 ]
 
 
@@ -76,6 +77,19 @@ class Const:
     target: str
     param_shape: tuple[int, ...]
     shape: tuple[int, ...]
+    dims: tuple[int, ...] = ()  # per dim of ``shape``: the parameter's dim there (-1: none)
+
+    @classmethod
+    def of(cls, target: str, shape: tuple[int, ...]) -> Const:
+        return cls(target, shape, shape, tuple(range(len(shape))))
+
+    def reshaped(self, shape: tuple[int, ...]) -> Const | None:
+        """As reshaped to ``shape`` when that only adds or drops size-1 dims (else None)."""
+        if [n for n in self.shape if n != 1] != [n for n in shape if n != 1]:
+            return None
+        real = iter(d for d, n in zip(self.dims, self.shape, strict=True) if n != 1)
+        return Const(self.target, self.param_shape, shape,
+                     tuple(next(real) if n != 1 else -1 for n in shape))
 
 
 class TupleOf(tuple):
@@ -168,6 +182,7 @@ class Builder:
         self.layer_calls: list[dict] = []
         self.const_sites: dict[str, list[Layout]] = {}  # constant -> layouts it is a site of
         self.const_other: set[str] = set()  # constants also read by an op without a rule
+        self.modules: dict[str, nn.Module] = {}  # the traced model's modules, by name
 
     # -- union-find -----------------------------------------------------------------------
     def new_space(self, size: int, reason: str | None = None) -> int:
@@ -520,7 +535,14 @@ def _flatten(b: Builder, call: Call) -> Layout | None:
     if call.kind == "call_module":
         start, end = call.module.start_dim, call.module.end_dim
     x, shape = call.in_layouts[0], call.in_shapes[0]
-    if x is None or shape is None or start != 1 or end not in (-1, len(shape) - 1):
+    if x is None or shape is None:
+        return b.unknown(call, f"{call.name} flattens other than (batch, features)")
+    start, end = start % len(shape), end % len(shape)
+    if start >= 2 and not isinstance(x, LastDim) and all(r.repeat == 1 for r in x):
+        return x  # positions only (a patch embedding's (N, C, H, W) -> (N, C, H*W))
+    if isinstance(x, LastDim) and start >= 1 and end < len(shape) - 1:
+        return x
+    if isinstance(x, LastDim) or start != 1 or end != len(shape) - 1:
         return b.unknown(call, f"{call.name} flattens other than (batch, features)")
     rep = math.prod(shape[2:]) if len(shape) > 2 else 1
     return tuple(Run(r.sid, r.length, r.repeat * rep) for r in x)
@@ -529,8 +551,12 @@ def _flatten(b: Builder, call: Call) -> Layout | None:
 @channel_rule("method:view", "method:reshape", torch.reshape)
 def _reshape(b: Builder, call: Call) -> Layout | None:
     """Flatten into (batch, features); or a reshape of the positions only, which keeps the
-    batch and the channel dim (dim 1, or the last dim of channels-last features)."""
+    batch and the channel dim (dim 1, or the last dim of channels-last features); a constant
+    given or stripped of size-1 dims (timm's ``gamma.reshape(1, -1, 1, 1)``) stays one."""
     shape, out, x = call.in_shapes[0], call.out_shape, call.in_layouts[0]
+    if isinstance(x, Const):
+        const = x.reshaped(tuple(out)) if out is not None else None
+        return const if const is not None else b.unknown(call)
     if shape is None or out is None or x is None or len(shape) < 2 or out[0] != shape[0]:
         return b.unknown(call, f"{call.name} reshapes channels")
     if isinstance(x, LastDim):
@@ -554,12 +580,23 @@ def _permutation(call: Call) -> tuple[int, ...] | None:
     return tuple(d % len(dims) for d in dims)
 
 
-@channel_rule(torch.permute, "method:permute")
+def _swap(call: Call, rank: int) -> tuple[int, ...] | None:
+    """``transpose(a, b)`` as a permutation of ``rank`` dims."""
+    a, c = call.arg(1, "dim0"), call.arg(2, "dim1")
+    if not isinstance(a, int) or not isinstance(c, int):
+        return None
+    dims = list(range(rank))
+    dims[a % rank], dims[c % rank] = dims[c % rank], dims[a % rank]
+    return tuple(dims)
+
+
+@channel_rule(torch.permute, "method:permute", torch.transpose, "method:transpose")
 def _permute(b: Builder, call: Call) -> Layout | None:
     """Channels-first <-> channels-last (ConvNeXt's blocks, a ViT's patch tokens): the channel
     dim moves to the last place or back to dim 1; the batch stays first."""
     x, shape = call.in_layouts[0], call.in_shapes[0]
-    dims = _permutation(call)
+    swap = call.target in (torch.transpose, "transpose")
+    dims = (_swap(call, len(shape)) if shape is not None else None) if swap else _permutation(call)
     if x is None or shape is None or dims is None or len(dims) != len(shape) or dims[0] != 0:
         return b.unknown(call)
     last = len(shape) - 1
@@ -579,7 +616,8 @@ def _expand(b: Builder, call: Call) -> Layout | None:
     """A constant expanded to the batch (ViT's class token) stays a constant."""
     x, out = call.in_layouts[0], call.out_shape
     if isinstance(x, Const) and out is not None:
-        return Const(x.target, x.param_shape, tuple(out))
+        lead = (-1,) * (len(out) - len(x.shape))
+        return Const(x.target, x.param_shape, tuple(out), lead + x.dims)
     return b.unknown(call, f"{call.name} expands a tensor with channels")
 
 
@@ -660,7 +698,7 @@ def _elementwise(b: Builder, call: Call) -> Layout | None:
 
 def _const_on(b: Builder, call: Call, const: Const, d: int, layout: Layout) -> None:
     """``const``'s dim ``d`` (of its expanded shape) lines up with ``layout``'s channels."""
-    dim = d - (len(const.shape) - len(const.param_shape))
+    dim = const.dims[d]
     if dim < 0 or const.param_shape[dim] == 1:
         return  # expanded over the channels: it has none of its own
     b.const_site(call, const, dim, layout)
@@ -741,26 +779,42 @@ def _getitem(b: Builder, call: Call) -> Layout | None:
 # -------------------------------------------------------------------------------------------
 # transformers: layer norm over the channels, multi-head attention
 # -------------------------------------------------------------------------------------------
-def _layer_norm_2d() -> tuple[type, ...]:
-    """torchvision's channels-first layer norm (ConvNeXt's stem, downsampling and head)."""
-    try:
-        from torchvision.models.convnext import LayerNorm2d
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return ()
-    return (LayerNorm2d,)
+def _classes(*paths: str) -> tuple[type, ...]:
+    """The classes of ``module:Name`` paths, from torchvision and from packages a model already
+    imported (timm is never imported here: a timm model has imported it)."""
+    import importlib
+    import sys
+
+    found = []
+    for path in paths:
+        module, _, name = path.partition(":")
+        if not module.startswith("torchvision") and module.split(".")[0] not in sys.modules:
+            continue
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
-#: layer norms that normalise dim 1 of a channels-first tensor; traced as leaves
-LAYER_NORM_2D = _layer_norm_2d()
+def layer_norms_2d() -> tuple[type, ...]:
+    """Layer norms that normalise dim 1 of a channels-first tensor (torchvision's and timm's
+    LayerNorm2d: ConvNeXt's stem, downsampling and head); traced as leaves."""
+    return _classes("torchvision.models.convnext:LayerNorm2d", "timm.layers:LayerNorm2d")
+
+
+def layer_norms_last() -> tuple[type, ...]:
+    """Layer-norm classes whose forward is ``nn.LayerNorm``'s (timm's LayerNorm); leaves too."""
+    return (nn.LayerNorm, *_classes("timm.layers:LayerNorm"))
 
 
 @channel_rule(nn.LayerNorm)
 def _layer_norm(b: Builder, call: Call) -> Layout | None:
-    """A layer norm over the channels (the last dim, or dim 1 for ``LAYER_NORM_2D``): its
+    """A layer norm over the channels (the last dim, or dim 1 for ``layer_norms_2d``): its
     affine terms are sliced, and masking takes its statistics over the kept channels only."""
     m, x, shape = call.module, call.in_layouts[0], call.in_shapes[0]
-    dim2d = isinstance(m, LAYER_NORM_2D)
-    if (not dim2d and type(m) is not nn.LayerNorm) or x is None or shape is None:
+    dim2d = type(m) in layer_norms_2d()
+    if (not dim2d and type(m) not in layer_norms_last()) or x is None or shape is None:
         return b.unknown(call, f"{call.name} is a layer norm whose forward gator-hw does not know")
     width = sum(r.length * r.repeat for r in x)
     on_channels = (dim2d and not isinstance(x, LastDim)) or (
@@ -773,6 +827,27 @@ def _layer_norm(b: Builder, call: Call) -> Layout | None:
     positions = math.prod(shape[1:]) // width
     b.record_layer(call, "norm", x, x, bias=m.elementwise_affine, spatial_in=positions,
                    spatial_out=positions, channels_last=isinstance(x, LastDim))
+    return x
+
+
+@channel_rule(F.batch_norm)
+def _functional_batch_norm(b: Builder, call: Call) -> Layout | None:
+    """``F.batch_norm`` with the statistics and affine terms of one batch-norm module (timm's
+    ``BatchNormAct2d`` calls it): that module's norm site, as for ``nn.BatchNorm2d``."""
+    x, consts = call.in_layouts[0], call.in_layouts[1:]
+    owners = {c.target.rpartition(".")[0] for c in consts if isinstance(c, Const)}
+    m = b.modules.get(next(iter(owners))) if len(owners) == 1 else None
+    width = sum(r.length * r.repeat for r in x) if isinstance(x, tuple) else -1
+    if (x is None or isinstance(x, LastDim | Const | TupleOf) or not all(
+            isinstance(c, Const) for c in consts) or not isinstance(
+            m, nn.modules.batchnorm._BatchNorm) or m.num_features != width
+            or any(r.repeat != 1 for r in x)):
+        return b.unknown(call, f"{call.name} normalises with tensors of no one batch-norm layer")
+    name = next(iter(owners))
+    b.add_site(x, call.order, name, "norm")
+    s, hw = _spatial(call.out_shape)
+    b.record_layer(call, "norm", x, x, module=name, bias=m.affine, spatial_in=s, spatial_out=s,
+                   in_hw=hw, out_hw=hw)
     return x
 
 
@@ -836,7 +911,7 @@ CHANNELS_LAST_RULES = (_linear, _per_channel, _getattr_like, _reshape, _permute,
                        _cat, _getitem, _layer_norm, _attention)
 
 #: the rules that know ``Const`` inputs; any other rule gets them as frozen constants
-CONST_RULES = (_expand, _elementwise, _cat)
+CONST_RULES = (_expand, _reshape, _elementwise, _cat, _functional_batch_norm)
 
 #: the rules that read a tuple result (``TupleOf``); any other op freezes it
 TUPLE_RULES = (_getitem,)
