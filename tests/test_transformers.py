@@ -303,3 +303,39 @@ def test_layer_scale_alone_is_a_prunable_site() -> None:
     assert small.scale.shape == (3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(small(x), masked_output(m, g, plan, x), atol=1e-6)
+
+
+class ReadsWidth(nn.Module):
+    """timm's attention pattern: the input's width, read from ``x.shape``, shapes another
+    tensor; pruning the input would break that reshape."""
+
+    def __init__(self, used: bool) -> None:
+        super().__init__()
+        self.used = used
+        self.stem = nn.Conv2d(3, 8, 8, stride=8)
+        self.ln = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.ln(self.stem(x).flatten(2).transpose(1, 2))
+        b, n, c = t.shape
+        if not self.used:  # the width read but not used: nothing to freeze
+            c = 8
+        q = self.qkv(t).reshape(b, n, 3, c)[:, :, 0]
+        return self.head(q.mean(1))
+
+
+@pytest.mark.parametrize("used", [True, False])
+def test_a_channel_count_read_as_a_number_freezes_those_channels(used: bool) -> None:
+    m = ReadsWidth(used).eval()
+    g = build_hypergraph(m, SHAPE)
+    stem = next(grp for grp in g.groups if "stem" in grp.writers)
+    assert stem.prunable is not used
+    if used:
+        assert any("read as a number" in r for r in stem.frozen_reasons)
+    else:
+        plan = {stem.gid: [1, 2, 5]}
+        x = torch.randn(2, *SHAPE[1:])
+        with torch.no_grad():
+            assert torch.allclose(slim(m, g, plan)(x), masked_output(m, g, plan, x), atol=1e-6)

@@ -22,9 +22,10 @@ from gator_hw.graph.rules import (
     Const,
     LastDim,
     Layout,
+    ShapeOf,
     TupleOf,
-    layer_norms_2d,
-    layer_norms_last,
+    known_leaves,
+    read_shape,
     rule_for,
 )
 
@@ -63,16 +64,16 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with the layer norms of ``layer_norms_2d`` and ``layer_norms_last``
-    kept as leaves (their forwards call ``F.layer_norm``, around permutes for the 2-D ones; as
-    one call they get the layer-norm rule, and masking hooks them as modules)."""
+    """torch.fx's tracer, with the layers of ``known_leaves`` kept as leaves (layer norms
+    whose forwards call ``F.layer_norm``: as one call they get the layer-norm rule, and masking
+    hooks them as modules; timm's ``Conv2dSame``)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.norms = layer_norms_2d() + layer_norms_last()
+        self.leaves = known_leaves()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) in self.norms or super().is_leaf_module(m, qualname)
+        return type(m) in self.leaves or super().is_leaf_module(m, qualname)
 
 
 def _counted_paths():
@@ -143,6 +144,11 @@ def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str,
             in_layouts = [layouts.get(a) for a in args]
             in_shapes = [_shape(a) for a in args]
             rule = _rule(node, modules)
+            if rule not in TUPLE_RULES:  # a shape read whole: its channel count is read
+                for lay in in_layouts:
+                    if isinstance(lay, ShapeOf):
+                        read_shape(b, lay)
+                in_layouts = [None if isinstance(lay, ShapeOf) else lay for lay in in_layouts]
             if rule not in CONST_RULES:
                 in_layouts = [b.materialize(lay, shp) for lay, shp in zip(in_layouts, in_shapes,
                                                                           strict=True)]
@@ -157,6 +163,7 @@ def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str,
                 in_layouts=in_layouts,
                 in_shapes=in_shapes,
                 out_shape=shape,
+                used=bool(node.users),
             )
             if rule not in CHANNELS_LAST_RULES and any(
                     isinstance(lay, LastDim) for lay in call.in_layouts):
@@ -167,7 +174,7 @@ def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str,
             layouts[node] = rule(b, call) if rule is not None else b.unknown(call)
     b.freeze_shared_consts()
     return b, {n.name: lay for n, lay in layouts.items()
-               if lay is not None and not isinstance(lay, Const | TupleOf)}
+               if lay is not None and not isinstance(lay, Const | TupleOf | ShapeOf)}
 
 
 def _rule(node: fx.Node, modules: dict[str, nn.Module]):

@@ -29,8 +29,9 @@ from gator_hw.errors import GatorError
 
 __all__ = [
     "CHANNELS_LAST_RULES", "CONST_RULES", "TUPLE_RULES",
-    "Builder", "Call", "Const", "LastDim", "Layout", "Run", "Space", "TupleOf", "channel_rule",
-    "layer_norms_2d", "layer_norms_last", "rule_for",
+    "Builder", "Call", "Const", "LastDim", "Layout", "Run", "ShapeOf", "Space", "TupleOf",
+    "channel_rule", "known_leaves", "layer_norms_2d", "layer_norms_last", "read_shape",
+    "rule_for",
 ]
 
 
@@ -92,6 +93,18 @@ class Const:
                      tuple(next(real) if n != 1 else -1 for n in shape))
 
 
+@dataclass(frozen=True)
+class ShapeOf:
+    """The shape of a tensor with channels (``x.shape``, ``x.size()``): which of its ``rank``
+    entries is the channel count (``cdim``). Reading that entry as a number ties the code to
+    the channel count (timm's ``B, N, C = x.shape`` then ``reshape(B, N, C)``), so a used read
+    freezes the channels."""
+
+    layout: tuple
+    rank: int
+    cdim: int
+
+
 class TupleOf(tuple):
     """The layouts of a tuple result (``MultiheadAttention``'s (output, weights)), one per
     element (None where it has none); only ``getitem`` reads it."""
@@ -113,6 +126,7 @@ class Call:
     in_layouts: list[Layout | None]  # per tensor argument (flattened args order)
     in_shapes: list[tuple[int, ...] | None]
     out_shape: tuple[int, ...] | None
+    used: bool = True  # whether any node reads the result
 
     def arg(self, i: int, key: str, default: Any = None) -> Any:
         if i < len(self.args):
@@ -735,14 +749,36 @@ def _cat(b: Builder, call: Call) -> Layout | None:
     return tuple(run for lay in layouts for run in lay)
 
 
-def _getattr_like(b: Builder, call: Call) -> Layout | None:
-    """Shape queries and other ops with non-tensor results pass nothing on."""
+def _getattr_like(b: Builder, call: Call) -> Layout | ShapeOf | None:
+    """Shape queries pass on which entry is the channel count (``ShapeOf``); a used
+    ``x.size(channel dim)`` freezes the channels; other non-tensor results pass nothing on."""
     if call.out_shape is not None:
         return b.unknown(call)
+    x, shape = (call.in_layouts[0], call.in_shapes[0]) if call.in_layouts else (None, None)
+    if not isinstance(x, tuple) or isinstance(x, TupleOf) or shape is None or len(shape) < 2:
+        return None
+    cdim = len(shape) - 1 if isinstance(x, LastDim) else 1
+    of = ShapeOf(x, len(shape), cdim)
+    if call.kind == "call_function" and call.target is getattr:
+        return of if call.arg(1, "name") == "shape" else None
+    if call.kind == "call_method" and call.target == "size":
+        dim = call.arg(1, "dim")
+        if dim is None:
+            return of
+        if isinstance(dim, int) and dim % len(shape) == cdim and call.used:
+            b.freeze(x, _READS_CHANNELS)
     return None
 
 
+#: why a read channel count freezes the channels
+_READS_CHANNELS = "its channel count is read as a number (x.shape / x.size())"
+
 channel_rule(getattr, "method:size", "method:dim")(_getattr_like)
+
+
+def read_shape(b: Builder, of: ShapeOf) -> None:
+    """A shape passed whole to an op (``x.view(s)``): its channel count is read."""
+    b.freeze(of.layout, _READS_CHANNELS)
 
 
 def _keeps_last_dim(index: Any, rank: int) -> bool:
@@ -764,6 +800,8 @@ def _getitem(b: Builder, call: Call) -> Layout | None:
     ``x[:, 0]``: the class token, a (batch, features) tensor)."""
     src = call.in_layouts[0] if call.in_layouts else None
     index = call.args[1] if len(call.args) > 1 else None
+    if isinstance(src, ShapeOf):
+        return _shape_entry(b, call, src, index)
     if isinstance(src, TupleOf):
         if isinstance(index, int) and -len(src) <= index < len(src):
             return src[index]
@@ -774,6 +812,20 @@ def _getitem(b: Builder, call: Call) -> Layout | None:
             and _keeps_last_dim(index, len(shape))):
         return src if len(out) > 2 else tuple(src)
     return _getattr_like(b, call)
+
+
+def _shape_entry(b: Builder, call: Call, of: ShapeOf, index: Any) -> ShapeOf | None:
+    """``x.shape[i]`` (used: freezes the channels if ``i`` is the channel dim) or a slice."""
+    if isinstance(index, int):
+        if index % of.rank == of.cdim and call.used:
+            b.freeze(of.layout, _READS_CHANNELS)
+        return None
+    if isinstance(index, slice):
+        picked = list(range(of.rank))[index]
+        return ShapeOf(of.layout, len(picked), picked.index(of.cdim)) if of.cdim in picked else None
+    if call.used:
+        b.freeze(of.layout, _READS_CHANNELS)
+    return None
 
 
 # -------------------------------------------------------------------------------------------
@@ -806,6 +858,13 @@ def layer_norms_2d() -> tuple[type, ...]:
 def layer_norms_last() -> tuple[type, ...]:
     """Layer-norm classes whose forward is ``nn.LayerNorm``'s (timm's LayerNorm); leaves too."""
     return (nn.LayerNorm, *_classes("timm.layers:LayerNorm"))
+
+
+def known_leaves() -> tuple[type, ...]:
+    """Layers traced as one call whose forward gator-hw knows: the layer norms above, and
+    timm's ``Conv2dSame`` (a conv after padding computed from the input's size, which
+    torch.fx cannot trace; per channel it is its conv)."""
+    return (*layer_norms_2d(), *layer_norms_last(), *_classes("timm.layers:Conv2dSame"))
 
 
 @channel_rule(nn.LayerNorm)
