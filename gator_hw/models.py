@@ -105,11 +105,40 @@ def available_models() -> list[str]:
 def default_input_size(name: str) -> int:
     """The square input side a model expects: 32 for CIFAR nets, 299 for Inception, else 224."""
     base = name.split(":", 1)[-1]
+    if name.startswith("timm:"):
+        return _timm_input_size(base)
     if base in _CIFAR:
         return 32
     if base.startswith("inception"):
         return 299
     return 224
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise GatorError("timm:NAME models need timm; pip install 'gator-hw[timm]'") from None
+    return timm
+
+
+def _timm_input_size(arch: str) -> int:
+    """The input side of a timm architecture's default pretrained config (224 if it has none)."""
+    try:
+        cfg = _timm().get_pretrained_cfg(arch)
+    except Exception:  # an unknown name: build_model reports it
+        cfg = None
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+
+
+def _timm_model(arch: str, num_classes: int) -> nn.Module:
+    """A timm architecture with random weights (``pretrained=False``: never a download)."""
+    timm = _timm()
+    if arch not in timm.list_models():
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise GatorError(f"unknown timm model '{arch}'{hint} (see timm.list_models())")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
 
 
 def _load_factory(spec: str, num_classes: int | None) -> nn.Module:
@@ -147,8 +176,9 @@ def build_model(name: str, num_classes: int = 1000, *, seed: int | None = 0) -> 
     Parameters
     ----------
     name : a torchvision classification builder (``resnet50``), a CIFAR ResNet
-        (``resnet56``; ``num_classes`` defaults to 10 there when left at 1000),
-        or ``path/to/file.py:factory`` (called with ``num_classes`` when it is not 1000).
+        (``resnet56``; ``num_classes`` defaults to 10 there when left at 1000), a timm
+        architecture as ``timm:NAME`` (timm installed), or ``path/to/file.py:factory``
+        (called with ``num_classes`` when it is not 1000).
     num_classes : classifier outputs.
     seed : seeds the random initialisation, so the same name gives the same weights.
     """
@@ -156,6 +186,8 @@ def build_model(name: str, num_classes: int = 1000, *, seed: int | None = 0) -> 
         torch.manual_seed(seed)
     if ":" in name and name.split(":", 1)[0].endswith(".py"):
         model = _load_factory(name, None if num_classes == 1000 else num_classes)
+    elif name.startswith("timm:"):
+        model = _timm_model(name.removeprefix("timm:"), num_classes)
     elif name in _CIFAR:
         model = CifarResNet(_CIFAR[name], 10 if num_classes == 1000 else num_classes)
     elif name in _torchvision_names():
@@ -170,7 +202,8 @@ def build_model(name: str, num_classes: int = 1000, *, seed: int | None = 0) -> 
         close = difflib.get_close_matches(name, available_models(), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise GatorError(
-            f"unknown model '{name}'{hint} (see `gator-hw models`, or pass path/to/file.py:factory)"
+            f"unknown model '{name}'{hint} (see `gator-hw models`, pass timm:NAME or "
+            "path/to/file.py:factory)"
         )
     return model.eval()
 

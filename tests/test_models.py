@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,15 @@ def test_load_weights_round_trip_and_mismatch(tmp_path: Path) -> None:
         load_weights(build_model("resnet32"), tmp_path / "w.pt")
     with pytest.raises(GatorError, match="does not exist"):
         load_weights(a, tmp_path / "nope.pt")
+
+
+def test_timm_models_build_by_name_with_random_weights(monkeypatch) -> None:
+    pytest.importorskip("timm")
+    m = build_model("timm:resnet18", num_classes=7)
+    assert m.fc.out_features == 7 and not m.training
+    assert default_input_size("timm:resnet18") == 224
+    with pytest.raises(GatorError, match="did you mean timm:resnet18"):
+        build_model("timm:resnet18x")
+    monkeypatch.setitem(sys.modules, "timm", None)  # timm not installed
+    with pytest.raises(GatorError, match=r"pip install 'gator-hw\[timm\]'"):
+        build_model("timm:resnet18")
