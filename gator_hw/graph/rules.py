@@ -861,10 +861,12 @@ def layer_norms_last() -> tuple[type, ...]:
 
 
 def known_leaves() -> tuple[type, ...]:
-    """Layers traced as one call whose forward gator-hw knows: the layer norms above, and
-    timm's ``Conv2dSame`` (a conv after padding computed from the input's size, which
-    torch.fx cannot trace; per channel it is its conv)."""
-    return (*layer_norms_2d(), *layer_norms_last(), *_classes("timm.layers:Conv2dSame"))
+    """Layers traced as one call whose forward gator-hw knows: the layer norms above, timm's
+    ``Conv2dSame`` (a conv after padding computed from the input's size, which torch.fx cannot
+    trace; per channel it is its conv) and timm's ``Linear`` (``nn.Linear``'s forward through
+    ``F.linear``)."""
+    return (*layer_norms_2d(), *layer_norms_last(),
+            *_classes("timm.layers:Conv2dSame", "timm.layers:Linear"))
 
 
 @channel_rule(nn.LayerNorm)
