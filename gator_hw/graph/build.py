@@ -128,8 +128,9 @@ def _readable(node: fx.Node) -> str:
 def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str, Layout]]:
     b = Builder()
     layouts: dict[fx.Node, Layout | None] = {}
-    modules = dict(gm.named_modules())
-    b.modules = dict(model.named_modules())  # the traced copy keeps bare shells of some
+    # the model's own modules: the traced copy shares its leaves but keeps bare shells of the
+    # modules it traced through (whose tensors F.batch_norm reads)
+    b.modules = modules = dict(model.named_modules())
     for order, node in enumerate(gm.graph.nodes):
         shape = _shape(node)
         if node.op == "placeholder":
@@ -141,17 +142,6 @@ def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str,
                 b.freeze(layouts.get(arg), "network output")
         else:
             args = _tensor_args(node.args, node.kwargs)
-            in_layouts = [layouts.get(a) for a in args]
-            in_shapes = [_shape(a) for a in args]
-            rule = _rule(node, modules)
-            if rule not in TUPLE_RULES:  # a shape read whole: its channel count is read
-                for lay in in_layouts:
-                    if isinstance(lay, ShapeOf):
-                        read_shape(b, lay)
-                in_layouts = [None if isinstance(lay, ShapeOf) else lay for lay in in_layouts]
-            if rule not in CONST_RULES:
-                in_layouts = [b.materialize(lay, shp) for lay, shp in zip(in_layouts, in_shapes,
-                                                                          strict=True)]
             call = Call(
                 order=order,
                 kind=node.op,
@@ -160,11 +150,21 @@ def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str,
                 module=modules.get(node.target) if node.op == "call_module" else None,
                 args=node.args,
                 kwargs=dict(node.kwargs),
-                in_layouts=in_layouts,
-                in_shapes=in_shapes,
+                in_layouts=[layouts.get(a) for a in args],
+                in_shapes=[_shape(a) for a in args],
                 out_shape=shape,
                 used=bool(node.users),
             )
+            rule = rule_for(call)
+            if rule not in TUPLE_RULES:  # a shape read whole: its channel count is read
+                for lay in call.in_layouts:
+                    if isinstance(lay, ShapeOf):
+                        read_shape(b, lay)
+                call.in_layouts = [None if isinstance(lay, ShapeOf) else lay
+                                   for lay in call.in_layouts]
+            if rule not in CONST_RULES:
+                call.in_layouts = [b.materialize(lay, shp) for lay, shp in
+                                   zip(call.in_layouts, call.in_shapes, strict=True)]
             if rule not in CHANNELS_LAST_RULES and any(
                     isinstance(lay, LastDim) for lay in call.in_layouts):
                 rule = None  # channels-last features reach an op that cannot follow them
@@ -175,13 +175,6 @@ def _run_rules(gm: fx.GraphModule, model: nn.Module) -> tuple[Builder, dict[str,
     b.freeze_shared_consts()
     return b, {n.name: lay for n, lay in layouts.items()
                if lay is not None and not isinstance(lay, Const | TupleOf | ShapeOf)}
-
-
-def _rule(node: fx.Node, modules: dict[str, nn.Module]):
-    """The registered rule for a traced node (None if it has none)."""
-    module = modules.get(node.target) if node.op == "call_module" else None
-    probe = Call(0, node.op, node.target, "", module, (), {}, [], [], None)
-    return rule_for(probe)
 
 
 def _channels_last(node_layouts: dict[str, Layout]) -> frozenset[str]:

@@ -272,6 +272,13 @@ class Builder:
             return self.unknown(call, f"{call.name} changes the channel dimension")
         return first
 
+    def join_all(self, what: str, layouts: list[Layout]) -> Layout:
+        """``join`` over several channel-aligned layouts, in order."""
+        out = layouts[0]
+        for lay in layouts[1:]:
+            out = self.join(what, out, lay)
+        return out
+
     def join(self, what: str, a: Layout, b: Layout) -> Layout:
         """Elementwise op of two channel-aligned tensors: their channels become one space."""
         if [r.length for r in a] == [r.length for r in b] and all(
@@ -423,20 +430,16 @@ def _linear_on_last_dim(b: Builder, call: Call, shape: tuple[int, ...]) -> Layou
 def _batchnorm(b: Builder, call: Call) -> Layout | None:
     x = b.passthrough(call)
     if x is not None and call.in_layouts[0] is x:
-        b.add_site(x, call.order, call.name, "norm")
-        s, hw = _spatial(call.out_shape)
-        b.record_layer(
-            call,
-            "norm",
-            x,
-            x,
-            bias=call.module.affine,
-            spatial_in=s,
-            spatial_out=s,
-            in_hw=hw,
-            out_hw=hw,
-        )
+        _norm_site(b, call, x, call.name, call.module.affine)
     return x
+
+
+def _norm_site(b: Builder, call: Call, x: Layout, module: str, affine: bool) -> None:
+    """``module`` is a per-channel affine norm (batch norm) of ``x``'s channels."""
+    b.add_site(x, call.order, module, "norm")
+    s, hw = _spatial(call.out_shape)
+    b.record_layer(call, "norm", x, x, module=module, bias=affine, spatial_in=s, spatial_out=s,
+                   in_hw=hw, out_hw=hw)
 
 
 # -------------------------------------------------------------------------------------------
@@ -558,6 +561,12 @@ def _flatten(b: Builder, call: Call) -> Layout | None:
         return x
     if isinstance(x, LastDim) or start != 1 or end != len(shape) - 1:
         return b.unknown(call, f"{call.name} flattens other than (batch, features)")
+    return _flattened(x, shape)
+
+
+def _flattened(x: Layout, shape: tuple[int, ...]) -> Layout:
+    """``x``'s channels after flattening ``shape`` into (batch, features): each channel
+    covers its H x W (...) positions."""
     rep = math.prod(shape[2:]) if len(shape) > 2 else 1
     return tuple(Run(r.sid, r.length, r.repeat * rep) for r in x)
 
@@ -577,8 +586,7 @@ def _reshape(b: Builder, call: Call) -> Layout | None:
         if len(out) >= 3 and out[-1] == shape[-1]:
             return x
     elif len(out) == 2:
-        rep = math.prod(shape[2:]) if len(shape) > 2 else 1
-        return tuple(Run(r.sid, r.length, r.repeat * rep) for r in x)
+        return _flattened(x, shape)
     elif len(out) >= 3 and out[1] == shape[1] and all(r.repeat == 1 for r in x):
         return x
     return b.unknown(call, f"{call.name} reshapes channels")
@@ -702,9 +710,7 @@ def _elementwise(b: Builder, call: Call) -> Layout | None:
         if consts or any(isinstance(lay, Const) for lay, _ in tensors):
             return b.unknown(call)
         return tensors[0][0] if tensors else None
-    out = channel[0]
-    for lay in channel[1:]:
-        out = b.join(call.name, out, lay)
+    out = b.join_all(call.name, channel)
     for const, d in consts:
         _const_on(b, call, const, d, out)
     return LastDim(out) if last else tuple(out)
@@ -734,10 +740,7 @@ def _cat(b: Builder, call: Call) -> Layout | None:
                                                for lay in layouts):
             return b.unknown(call, f"{call.name} concatenates along a dimension other than "
                                    "channels")
-        feats = [lay for lay in layouts if isinstance(lay, LastDim)]
-        joined = feats[0]
-        for lay in feats[1:]:
-            joined = b.join(call.name, joined, lay)
+        joined = b.join_all(call.name, [lay for lay in layouts if isinstance(lay, LastDim)])
         for lay in layouts:
             if isinstance(lay, Const):
                 _const_on(b, call, lay, len(lay.shape) - 1, joined)
@@ -766,7 +769,7 @@ def _getattr_like(b: Builder, call: Call) -> Layout | ShapeOf | None:
         if dim is None:
             return of
         if isinstance(dim, int) and dim % len(shape) == cdim and call.used:
-            b.freeze(x, _READS_CHANNELS)
+            read_shape(b, of)
     return None
 
 
@@ -816,15 +819,11 @@ def _getitem(b: Builder, call: Call) -> Layout | None:
 
 def _shape_entry(b: Builder, call: Call, of: ShapeOf, index: Any) -> ShapeOf | None:
     """``x.shape[i]`` (used: freezes the channels if ``i`` is the channel dim) or a slice."""
-    if isinstance(index, int):
-        if index % of.rank == of.cdim and call.used:
-            b.freeze(of.layout, _READS_CHANNELS)
-        return None
     if isinstance(index, slice):
         picked = list(range(of.rank))[index]
         return ShapeOf(of.layout, len(picked), picked.index(of.cdim)) if of.cdim in picked else None
-    if call.used:
-        b.freeze(of.layout, _READS_CHANNELS)
+    if call.used and (not isinstance(index, int) or index % of.rank == of.cdim):
+        read_shape(b, of)
     return None
 
 
@@ -904,11 +903,7 @@ def _functional_batch_norm(b: Builder, call: Call) -> Layout | None:
             m, nn.modules.batchnorm._BatchNorm) or m.num_features != width
             or any(r.repeat != 1 for r in x)):
         return b.unknown(call, f"{call.name} normalises with tensors of no one batch-norm layer")
-    name = next(iter(owners))
-    b.add_site(x, call.order, name, "norm")
-    s, hw = _spatial(call.out_shape)
-    b.record_layer(call, "norm", x, x, module=name, bias=m.affine, spatial_in=s, spatial_out=s,
-                   in_hw=hw, out_hw=hw)
+    _norm_site(b, call, x, next(iter(owners)), m.affine)
     return x
 
 
