@@ -4,8 +4,8 @@
 value channels to one ``embed_dim``, so a pruned attention cannot be one. ``SlimAttention``
 keeps the original's call (``attn(x, x, x, need_weights=False) -> (out, None)``, batch first)
 and its scale ``1 / sqrt(original head dim)``, with separate q/k/v projections of any width
-(the same per head). ``masked_attention`` is the reference it must equal: the original module
-with channels scaled where attention reads them.
+(the same per head). ``gator_hw.masking.masked_attention`` is the reference it must equal: the
+original module with channels scaled where attention reads them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from gator_hw.errors import GatorError
 
-__all__ = ["SlimAttention", "attend", "masked_attention"]
+__all__ = ["SlimAttention", "attend"]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
@@ -30,35 +30,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale:
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout)
     return torch.matmul(weights, v).transpose(1, 2).reshape(b, n, -1)
-
-
-def _split(vec: torch.Tensor | None, e: int) -> tuple:
-    """The (query, value) parts of one (..., 3E) projected-channel vector."""
-    if vec is None:
-        return None, None
-    return vec[..., :e], vec[..., 2 * e:]
-
-
-def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    if scale is None:
-        return x
-    lead = tuple(scale.shape[:-1]) or (1,)
-    return x * scale.to(x.dtype).reshape(*lead, *(1,) * (x.dim() - 2), scale.shape[-1])
-
-
-def masked_attention(m: nn.MultiheadAttention, x: torch.Tensor, s_in: torch.Tensor | None,
-                     s_proj: torch.Tensor | None) -> tuple[torch.Tensor, None]:
-    """``m(x, x, x, need_weights=False)`` with its input features scaled by ``s_in`` and its
-    query and value channels by ``s_proj`` (a (…, 3E) vector over q, k, v; k's part unused:
-    a query channel at zero removes the pair from every score)."""
-    e = m.embed_dim
-    s_q, s_v = _split(s_proj, e)
-    x = _scaled(x, s_in)
-    q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
-    p = m.dropout if m.training else 0.0
-    out = attend(_scaled(q, s_q), k, _scaled(v, s_v), m.num_heads,
-                 1.0 / math.sqrt(e // m.num_heads), p)
-    return F.linear(out, m.out_proj.weight, m.out_proj.bias), None
 
 
 class SlimAttention(nn.Module):

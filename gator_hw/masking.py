@@ -7,21 +7,23 @@ a 0/1 mask gives exactly the network with those channels removed (``gator_hw.sli
 gate vector gives the gated network. Two readers mix channels and are recomputed instead: a
 layer norm over channels takes its mean and variance weighted by the vector (over the kept
 channels only, for a mask), and self-attention scales its input features, query channels and
-value channels (``gator_hw.attention.masked_attention``).
+value channels (``masked_attention``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gator_hw.attention import masked_attention
+from gator_hw.attention import attend
 from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph, LayerCall, Seg
 
-__all__ = ["expand_layout", "mask_model", "masked_layer_norm", "masked_output", "reader_layouts",
-           "scale_inputs"]
+__all__ = ["expand_layout", "mask_model", "masked_attention", "masked_layer_norm", "masked_output",
+           "reader_layouts", "scale_inputs"]
 
 
 def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
@@ -122,6 +124,25 @@ def masked_layer_norm(m: nn.LayerNorm, x: torch.Tensor, weights: torch.Tensor, d
         if m.bias is not None:
             y = y + m.bias.reshape(shape)
     return y
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return x if scale is None else x * _broadcast(scale, x, True)
+
+
+def masked_attention(m: nn.MultiheadAttention, x: torch.Tensor, s_in: torch.Tensor | None,
+                     s_proj: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    """``m(x, x, x, need_weights=False)`` with its input features scaled by ``s_in`` and its
+    query and value channels by ``s_proj`` (a (…, 3E) vector over q, k, v; k's part unused:
+    a query channel at zero removes the pair from every score)."""
+    e = m.embed_dim
+    s_q, s_v = (None, None) if s_proj is None else (s_proj[..., :e], s_proj[..., 2 * e:])
+    x = _scaled(x, s_in)
+    q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+    p = m.dropout if m.training else 0.0
+    out = attend(_scaled(q, s_q), k, _scaled(v, s_v), m.num_heads,
+                 1.0 / math.sqrt(e // m.num_heads), p)
+    return F.linear(out, m.out_proj.weight, m.out_proj.bias), None
 
 
 def _mixing_hooks(modules: dict[str, nn.Module], graph: HyperGraph,

@@ -15,11 +15,11 @@ from torchvision.models import ConvNeXt, VisionTransformer
 from torchvision.models.convnext import CNBlockConfig
 
 from gator_hw.accounting import flop_counter_flops, network_cost
-from gator_hw.attention import SlimAttention, masked_attention
+from gator_hw.attention import SlimAttention
 from gator_hw.convert import convert
 from gator_hw.gates import GateSet
 from gator_hw.graph import build_hypergraph
-from gator_hw.masking import masked_layer_norm, masked_output
+from gator_hw.masking import masked_attention, masked_layer_norm, masked_output
 from gator_hw.slim import slim
 from gator_hw.soundness import half_plan, random_plan, randomize_weights
 
