@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -26,23 +27,31 @@ from gator_hw.models import build_model
 from gator_hw.train import TrainSettings, load_data, train
 
 
-def accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
+def accuracy(model: torch.nn.Module, loader: DataLoader, device: str = "cpu") -> float:
     model.eval()
     correct = n = 0
     with torch.no_grad():
         for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
             n += len(y)
     return correct / n
 
 
+def _autocast(device: str, amp: str | None):
+    """bf16/fp16 autocast on CUDA when ``amp`` names a dtype, else a no-op context."""
+    if amp is None or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, amp))
+
+
 def train_base(out: Path, epochs: int, seed: int, *, model_name: str = "resnet20",
-               size: int = 32, lr: float = 0.1,
+               size: int = 32, lr: float = 0.1, device: str = "cpu", amp: str | None = None,
                log=lambda m: print(m, flush=True)) -> tuple[Path, float]:
-    """Plain SGD + cosine training on digits; returns weights path and val acc."""
+    """Plain SGD + cosine training on digits (``amp``: autocast dtype on CUDA); returns
+    the weights' path and val acc."""
     torch.manual_seed(seed)
     data = load_data("digits", size, seed=seed)
-    model = build_model(model_name, 10, seed=seed)
+    model = build_model(model_name, 10, seed=seed).to(device)
     tl = DataLoader(data.train, 64, shuffle=True, drop_last=True)
     vl = DataLoader(data.val, 256)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -51,21 +60,25 @@ def train_base(out: Path, epochs: int, seed: int, *, model_name: str = "resnet20
         model.train()
         for x, y in tl:
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with _autocast(device, amp):
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            loss.backward()
             opt.step()
             sched.step()
-        log(f"base epoch {ep + 1}: val acc {100 * accuracy(model, vl):.2f}%")
+        log(f"base epoch {ep + 1}: val acc {100 * accuracy(model, vl, device):.2f}%")
     path = out / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path, accuracy(model, vl)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(path))
+    return path, accuracy(model, vl, device)
 
 
 def base_accuracy(weights: Path, seed: int, *, model_name: str = "resnet20",
-                  size: int = 32) -> float:
+                  size: int = 32, device: str = "cpu") -> float:
     """Validation accuracy of saved unpruned weights."""
     model = build_model(model_name, 10, seed=seed)
     model.load_state_dict(load_file(str(weights)))
-    return accuracy(model, DataLoader(load_data("digits", size, seed=seed).val, 256))
+    return accuracy(model.to(device),
+                    DataLoader(load_data("digits", size, seed=seed).val, 256), device)
 
 
 def main() -> None:

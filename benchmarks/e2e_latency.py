@@ -2,7 +2,8 @@
 
 On one device, end to end (every stage is cached in OUT, so a re-run resumes):
 
-1. profile ResNet-18 (64 px, batch 8, 10 classes) on this device, or reuse ``--table``
+1. profile the model (default ResNet-18, 64 px, batch 8, 10 classes; ``--model``,
+   ``--input-size``, ``--batch-size``, ``--device``) on this device, or reuse ``--table``
    (edges probed down to 1/8 of their width, random nets down to 5 %: the cost model must know
    the deeply pruned nets that small budgets give);
 2. make the latency config (cost model embedded) and a plain FLOPs config;
@@ -15,10 +16,13 @@ On one device, end to end (every stage is cached in OUT, so a re-run resumes):
 6. time every converted net against the full one (``bench``'s protocol: interleaved blocks,
    paired ratios), ``--repeats`` times in round-robin order;
 7. write ``results.json``, ``results.md`` (FLOPs ratio, predicted and measured latency ratio
-   with its range, val acc) and ``pareto.png`` (val acc vs measured latency ratio).
+   with its range, val acc) and ``pareto.png`` (val acc vs measured latency ratio), after
+   every budget (each budget's pair is cached in ``OUT/budgets/``, so a cut run keeps them).
 
     python benchmarks/e2e_latency.py --out runs/e2e_latency [--table T.csv] [--epochs 12]
         [--backend onnxruntime]   # profile, calibrate and bench in ONNX Runtime
+    python benchmarks/e2e_latency.py --model resnet50 --input-size 224 --batch-size 32 \
+        --device cuda --amp bfloat16 --table profiles/h200/resnet50_b32_float32.csv
 """
 
 from __future__ import annotations
@@ -46,33 +50,39 @@ from gator_hw.profile.timing import make_spec
 from gator_hw.slim import slim
 from gator_hw.train import TrainSettings, train
 
-MODEL, SIZE, BATCH, CLASSES = "resnet18", 64, 8, 10
+CLASSES = 10
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def profile_table(out: Path, random_nets: int, backend: str = "torch") -> Path:
-    path = out / "profile" / f"{MODEL}_{SIZE}px_b{BATCH}_float32.csv"
-    req = ProfileRequest.create(MODEL, device="cpu", batch=BATCH, input_size=SIZE,
-                                widths="0.125,0.25,0.5,0.75", random_nets=random_nets,
-                                random_min_keep=0.05, rounds=3, threads=1,
-                                num_classes=CLASSES, backend=backend)
+def _threads(a) -> int | None:
+    """Timing threads: one on a CPU (a 2-core host shared with other work), the default on
+    CUDA (host threads matter little there)."""
+    return 1 if a.device == "cpu" else None
+
+
+def profile_table(out: Path, a) -> Path:
+    path = out / "profile" / f"{a.model}_{a.input_size}px_b{a.batch_size}_float32.csv"
+    req = ProfileRequest.create(a.model, device=a.device, batch=a.batch_size,
+                                input_size=a.input_size, widths="0.125,0.25,0.5,0.75",
+                                random_nets=a.random_nets, random_min_keep=0.05, rounds=3,
+                                threads=_threads(a), num_classes=CLASSES, backend=a.backend)
     return run(req, path, progress=False).table_path
 
 
-def configs(out: Path, table: Path, gamma: float) -> tuple[Path, Path]:
+def configs(out: Path, table: Path, a) -> tuple[Path, Path]:
     lat, flops = out / "cfg" / "latency.json", out / "cfg" / "flops.json"
-    template = GatingConfig(gradient_multiplier=gamma)
+    template = GatingConfig(gradient_multiplier=a.gamma)
     if not lat.exists():
         res = make_config([table], method="model", template=template)
         write_config(res.config, lat)
         log(f"latency config: cost model {res.cost_model.method} "
             f"(grouped-CV MAPE {res.cost_model.cv_mape})")
     if not flops.exists():
-        write_config(factor_config("flops", MODEL, input_size=SIZE, num_classes=CLASSES,
-                                   template=template), flops)
+        write_config(factor_config("flops", a.model, input_size=a.input_size,
+                                   num_classes=CLASSES, template=template), flops)
     return lat, flops
 
 
@@ -94,11 +104,12 @@ def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dic
             shutil.rmtree(folder)
         log(f"prune {name}: {target}")
         settings = TrainSettings(
-            MODEL, config=cfg, data="digits", out=folder, epochs=a.epochs, lr=a.lr,
-            batch_size=64, target=target, weights=weights, input_size=SIZE, seed=a.seed,
-            device="cpu", round_to=a.round_to, budget_at=a.budget_at,
+            a.model, config=cfg, data="digits", out=folder, epochs=a.epochs, lr=a.lr,
+            batch_size=64, target=target, weights=weights, input_size=a.input_size,
+            seed=a.seed, device=a.device, round_to=a.round_to, budget_at=a.budget_at,
             importance_power=a.importance_power, importance_norm=a.importance_norm,
-            gate_norm=a.gate_norm, calibrate=a.calibrate,
+            gate_norm=a.gate_norm, calibrate=a.calibrate, amp=a.amp is not None,
+            amp_dtype=a.amp or "float16",
         )  # fmt: skip
         train(settings, log=lambda m: log(f"  {name} {m}"))
     doc = json.loads(plan.read_text())
@@ -142,22 +153,21 @@ def greedy_optimum(lat: LatencyFunction, net, flops_fraction: float) -> list[int
 
 
 def bench_all(models: dict[str, torch.nn.Module], full: torch.nn.Module, flops: dict,
-              repeats: int, rounds: int, backend: str = "torch") -> dict[str, list[float]]:
-    spec = make_spec(MODEL, device="cpu", batch=BATCH, input_size=SIZE, threads=1,
-                     backend=backend)
-    torch.set_num_threads(1)
+              a) -> dict[str, list[float]]:
+    spec = make_spec(a.model, device=a.device, batch=a.batch_size, input_size=a.input_size,
+                     threads=_threads(a), backend=a.backend)
     ratios: dict[str, list[float]] = {k: [] for k in models}
-    for r in range(repeats):
+    for r in range(a.repeats):
         names = list(models) if r % 2 == 0 else list(reversed(models))
         for name in names:
             res = compare_latency(full, models[name], spec, flops_ratio=flops[name],
-                                  rounds=rounds)
+                                  rounds=a.rounds)
             ratios[name].append(res.latency_ratio)
-            log(f"bench {r + 1}/{repeats} {name}: {res}")
+            log(f"bench {r + 1}/{a.repeats} {name}: {res}")
     return ratios
 
 
-def pareto_plot(rows: list[dict], ref: dict | None, path: Path, device: str) -> None:
+def pareto_plot(rows: list[dict], ref: dict | None, path: Path, device: str, a) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,17 +192,60 @@ def pareto_plot(rows: list[dict], ref: dict | None, path: Path, device: str) -> 
                         fontsize=6, color="gray", rotation=90, va="bottom")
     ax.set_xlabel("measured latency ratio (converted / full)")
     ax.set_ylabel("val acc (%)")
-    ax.set_title(f"ResNet-18 {SIZE}px batch {BATCH} on {device}", fontsize=9)
+    ax.set_title(f"{a.model} {a.input_size}px batch {a.batch_size} on {device}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
+def run_budget(b: float, a, lat_cfg: Path, flops_cfg: Path, weights: Path, net,
+               latfn: LatencyFunction) -> dict:
+    """Prune both ways to budget ``b``, convert, find the cost model's optimum at the same
+    FLOPs and bench the three; cached in ``OUT/budgets/`` so a re-run skips a done budget."""
+    cache = a.out / "budgets" / f"b{b:g}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    lr_ = prune(a.out, f"latency_b{b:g}", lat_cfg, f"latency={b:g}", weights, a)
+    f = lr_["fractions"]["flops"]
+    fr_ = prune(a.out, f"flops_b{b:g}", flops_cfg, f"flops={f:.4f}", weights, a)
+    runs = [{**lr_, "config": "latency", "budget": b}, {**fr_, "config": "flops", "budget": b}]
+    full_ms = latfn.full_ms
+    models, flops = {}, {}
+    for r in runs:
+        conv = convert_checkpoint(r["folder"])
+        models[r["name"]] = conv.model
+        flops[r["name"]] = r["fractions"]["flops"]
+        r["predicted"] = float(latfn.predict(np.array([r["kept"]]))[0] / full_ms)
+        r["convert_rel_error"] = conv.rel_error
+    w = greedy_optimum(latfn, net, f)
+    name = f"optimum_b{b:g}"
+    models[name] = slim(net.model, net.graph, net.graph.first_channels_plan(dict(enumerate(w))))
+    fw = latfn.cost_model.fmap.flops(np.array([w]))[0]
+    flops[name] = float(fw / latfn.cost_model.fmap.flops(latfn.full.numpy()[None])[0])
+    ref = {"widths": w, "flops": flops[name],
+           "predicted": float(latfn.predict(np.array([w]))[0] / full_ms)}
+    if not a.skip_bench:
+        ratios = bench_all(models, net.model, flops, a)
+        for r in [*runs, ref]:
+            r["measured_all"] = ratios[r.get("name", name)]
+            m = sorted(r["measured_all"])
+            r["measured"], r["measured_min"], r["measured_max"] = m[len(m) // 2], m[0], m[-1]
+    entry = {"budget": b, "runs": runs, "reference": ref}
+    write_json(cache, entry)
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/e2e_latency"))
     ap.add_argument("--table", type=Path, default=None, help="reuse a profile table")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--input-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8, help="the profile's and bench's batch")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: profile, train and bench")
+    ap.add_argument("--amp", default=None, choices=("bfloat16", "float16"),
+                    help="training autocast dtype on CUDA (timing stays in the table's dtype)")
     ap.add_argument("--random-nets", type=int, default=48)
     ap.add_argument("--budgets", default="0.7,0.5,0.35")
     ap.add_argument("--base-epochs", type=int, default=15)
@@ -220,62 +273,35 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    table = a.table or profile_table(a.out, a.random_nets, a.backend)
+    table = a.table or profile_table(a.out, a)
     _check_backend(table, a.backend)
-    lat_cfg, flops_cfg = configs(a.out, table, a.gamma)
+    lat_cfg, flops_cfg = configs(a.out, table, a)
     torch.set_num_threads(a.train_threads)
     weights = a.base_weights or a.out / "base.safetensors"
     if not weights.exists():
-        train_base(a.out, a.base_epochs, a.seed, model_name=MODEL, size=SIZE, lr=0.05, log=log)
-    base_acc = base_accuracy(weights, a.seed, model_name=MODEL, size=SIZE)
+        train_base(a.out, a.base_epochs, a.seed, model_name=a.model, size=a.input_size,
+                   lr=0.05, device=a.device, amp=a.amp, log=log)
+    base_acc = base_accuracy(weights, a.seed, model_name=a.model, size=a.input_size,
+                             device=a.device)
     log(f"unpruned val acc {100 * base_acc:.2f}%")
-    runs = []
-    for b in [float(x) for x in a.budgets.split(",")]:
-        lr_ = prune(a.out, f"latency_b{b:g}", lat_cfg, f"latency={b:g}", weights, a)
-        f = lr_["fractions"]["flops"]
-        fr_ = prune(a.out, f"flops_b{b:g}", flops_cfg, f"flops={f:.4f}", weights, a)
-        runs += [{**lr_, "config": "latency", "budget": b}, {**fr_, "config": "flops",
-                                                              "budget": b}]
-    net = load_network(MODEL, input_size=SIZE, num_classes=CLASSES)
+    net = load_network(a.model, input_size=a.input_size, num_classes=CLASSES)
     cfg = read_config(lat_cfg)
     latfn = LatencyFunction(embedded_cost_model(cfg.cost_model, net.graph))
-    full_ms = latfn.full_ms
-    models, flops = {}, {}
-    for r in runs:
-        conv = convert_checkpoint(r["folder"])
-        models[r["name"]] = conv.model
-        flops[r["name"]] = r["fractions"]["flops"]
-        r["predicted"] = float(latfn.predict(np.array([r["kept"]]))[0] / full_ms)
-        r["convert_rel_error"] = conv.rel_error
-    ref = {}
-    for b in sorted({r["budget"] for r in runs}):
-        lat_run = next(r for r in runs if r["config"] == "latency" and r["budget"] == b)
-        w = greedy_optimum(latfn, net, lat_run["fractions"]["flops"])
-        name = f"optimum_b{b:g}"
-        models[name] = slim(net.model, net.graph, net.graph.first_channels_plan(
-            dict(enumerate(w))))
-        fw = latfn.cost_model.fmap.flops(np.array([w]))[0]
-        flops[name] = float(fw / latfn.cost_model.fmap.flops(latfn.full.numpy()[None])[0])
-        ref[b] = {"widths": w, "flops": flops[name],
-                  "predicted": float(latfn.predict(np.array([w]))[0] / full_ms)}
     device = str(latfn.cost_model.context.get("device_name"))
     device += " in ONNX Runtime" if a.backend == "onnxruntime" else ""
-    result = {"device": device, "backend": a.backend, "base_acc": base_acc,
-              "runs": runs, "reference": ref, "settings": {k: str(v) for k, v in vars(a).items()}}
-    if not a.skip_bench:
-        ratios = bench_all(models, net.model, flops, a.repeats, a.rounds, a.backend)
-        for r in runs:
-            r["measured_all"] = ratios[r["name"]]
-        for b, v in ref.items():
-            v["measured_all"] = ratios[f"optimum_b{b:g}"]
-        for r in [*runs, *ref.values()]:
-            m = sorted(r["measured_all"])
-            r["measured"], r["measured_min"], r["measured_max"] = m[len(m) // 2], m[0], m[-1]
-    result["wall_s"] = time.perf_counter() - t0
-    write_json(a.out / "results.json", result)
-    write_text(a.out / "results.md", table_md(result))
-    if not a.skip_bench:
-        pareto_plot(runs, ref, a.out / "pareto.png", str(result["device"]))
+    runs, ref = [], {}
+    for b in [float(x) for x in a.budgets.split(",")]:
+        entry = run_budget(b, a, lat_cfg, flops_cfg, weights, net, latfn)
+        runs += entry["runs"]
+        ref[b] = entry["reference"]
+        result = {"device": device, "backend": a.backend, "base_acc": base_acc, "runs": runs,
+                  "reference": ref, "settings": {k: str(v) for k, v in vars(a).items()},
+                  "wall_s": time.perf_counter() - t0}
+        write_json(a.out / "results.json", result)
+        write_text(a.out / "results.md", table_md(result))
+        if not a.skip_bench:
+            pareto_plot(runs, ref, a.out / "pareto.png", device, a)
+        log(f"budget {b:g} done ({result['wall_s']:.0f} s so far)")
     print(table_md(result))
 
 
