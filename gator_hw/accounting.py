@@ -32,6 +32,7 @@ from gator_hw.graph.hypergraph import HyperGraph, LayerCall, Seg
 __all__ = [
     "Cost",
     "EdgeCost",
+    "call_cost",
     "edge_costs",
     "flop_counter_flops",
     "gator_units",
@@ -83,6 +84,13 @@ def layer_cost(
 ) -> Cost:
     """Cost of one layer call when its edges have the given (possibly fractional) widths."""
     n_in, n_out = _width(call.in_layout, widths), _width(call.out_layout, widths)
+    return call_cost(call, n_in, n_out, batch=batch, bytes_per_element=bytes_per_element)
+
+
+def call_cost(call: LayerCall, n_in, n_out, *, batch: int = 1, bytes_per_element: int = 4
+              ) -> Cost:
+    """Cost of one layer call with ``n_in`` input and ``n_out`` output channels (numbers,
+    arrays or tensors): bilinear in the two counts for every kind of call."""
     if call.kind == "param":  # a parameter lined up with channels: spatial_out values each
         params = n_out * call.spatial_out
         return Cost(0.0, params, params * bytes_per_element)

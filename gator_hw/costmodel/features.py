@@ -20,16 +20,23 @@ gives the numbers the cost model is fitted on and a differentiable function of t
 pruning (:mod:`gator_hw.costmodel.differentiable`). Its values are exact at every width; the
 staircase parts get surrogate gradients: a padded width ``ceil(n / m) * m`` passes the gradient
 of ``n`` (the slope of the staircase's envelope) and the misalignment flags are constants.
+
+It runs every step of a pruning run (the cost loss, its per-edge weights, the budget's
+projection), so it is a handful of array operations over all layer calls at once
+(:class:`_CallForms`), not a loop over them: each call's channel counts are affine in the edge
+widths and its costs bilinear in those two counts, with coefficients read off
+:func:`~gator_hw.accounting.call_cost` once per graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
 
-from gator_hw.accounting import layer_cost, network_cost
+from gator_hw.accounting import call_cost, network_cost
 from gator_hw.graph.hypergraph import HyperGraph, LayerCall
 
 __all__ = ["ALIGNMENTS", "FeatureMap", "padded_excess", "padded_width"]
@@ -64,8 +71,81 @@ def padded_excess(call: LayerCall, n_in, n_out, m: int):
     return t.numpy()
 
 
-def _side(layout, wd: dict[int, torch.Tensor]):
-    return sum(wd.get(s.gid, s.length) * s.repeat for s in layout)
+def _excess(n_in: torch.Tensor, n_out: torch.Tensor, depthwise: torch.Tensor,
+            m: int) -> torch.Tensor:
+    """:func:`padded_excess` of many calls at once (``depthwise`` a bool mask of the calls)."""
+    n_in, n_out = n_in.clamp(min=1.0), n_out.clamp(min=1.0)
+    pad_out = padded_width(n_out, m)
+    dense = padded_width(n_in, m) * pad_out / (n_in * n_out)
+    return torch.where(depthwise, pad_out / n_out, dense) - 1.0
+
+
+def _bilinear(coef: torch.Tensor, n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
+    """``c0 + c_in n_in + c_out n_out + c_io n_in n_out`` per call; ``coef`` is (4, C)."""
+    return coef[0] + coef[1] * n_in + coef[2] * n_out + coef[3] * n_in * n_out
+
+
+@dataclass(frozen=True)
+class _CallForms:
+    """Every layer call of a graph as arrays over the calls (C of them, E edges).
+
+    A call's input channels are ``widths @ in_map + in_const`` (its layout's edge segments
+    times their repeat, plus its frozen segments), likewise its output channels; its FLOPs,
+    bytes and its share of the network's bytes (a shared layer's weights read once) are
+    bilinear in the two counts, ``(4, C)`` coefficient rows each.
+    """
+
+    in_map: torch.Tensor
+    in_const: torch.Tensor
+    out_map: torch.Tensor
+    out_const: torch.Tensor
+    flops: torch.Tensor
+    bytes: torch.Tensor
+    net_bytes: torch.Tensor
+    feature: torch.Tensor  # bool (C,): calls with features of their own (not norm / param)
+    depthwise: torch.Tensor  # bool (C,)
+    fixed_flops: float
+
+    @classmethod
+    def read(cls, graph: HyperGraph, batch: int, bpe: int) -> _CallForms:
+        """Read every call's forms off :func:`~gator_hw.accounting.call_cost`."""
+        e_count, calls = graph.n_edges, graph.calls
+        maps = {k: torch.zeros(e_count, len(calls), dtype=torch.float64) for k in ("in", "out")}
+        consts = {k: torch.zeros(len(calls), dtype=torch.float64) for k in ("in", "out")}
+        coefs = {k: torch.zeros(4, len(calls), dtype=torch.float64)
+                 for k in ("flops", "bytes", "net_bytes")}
+        seen: set[str] = set()
+        for j, c in enumerate(calls):
+            for side, layout in (("in", c.in_layout), ("out", c.out_layout)):
+                for seg in layout:
+                    if seg.gid < e_count:
+                        maps[side][seg.gid, j] += seg.repeat
+                    else:
+                        consts[side][j] += seg.length * seg.repeat
+            corners = [call_cost(c, a, b, batch=batch, bytes_per_element=bpe)
+                       for a, b in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))]
+            shared = c.module in seen
+            seen.add(c.module)
+            for key, value in (("flops", lambda k: k.flops), ("bytes", lambda k: k.bytes),
+                               ("net_bytes", lambda k, shared=shared: k.bytes - k.params * bpe
+                                if shared else k.bytes)):
+                v00, v10, v01, v11 = (value(k) for k in corners)
+                coefs[key][:, j] = torch.tensor([v00, v10 - v00, v01 - v00,
+                                                 v11 - v10 - v01 + v00], dtype=torch.float64)
+        return cls(maps["in"], consts["in"], maps["out"], consts["out"], coefs["flops"],
+                   coefs["bytes"], coefs["net_bytes"],
+                   torch.tensor([c.kind not in ("norm", "param") for c in calls]),
+                   torch.tensor([c.kind == "conv" and c.depthwise for c in calls]),
+                   float(graph.fixed_flops * batch))
+
+    def to(self, device: torch.device) -> _CallForms:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                 for k, v in self.__dict__.items()}
+        return _CallForms(**moved)
+
+    def counts(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output channels of every call for each row of ``w``, (n, C) each."""
+        return w @ self.in_map + self.in_const, w @ self.out_map + self.out_const
 
 
 @dataclass(frozen=True)
@@ -75,10 +155,23 @@ class FeatureMap:
     graph: HyperGraph
     batch: int = 1
     dtype: str = "float32"
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def bytes_per_element(self) -> int:
         return _BYTES.get(self.dtype, 4)
+
+    @cached_property
+    def _forms_cpu(self) -> _CallForms:
+        return _CallForms.read(self.graph, self.batch, self.bytes_per_element)
+
+    def _forms(self, device: torch.device) -> _CallForms:
+        """The call forms on ``device`` (read once, copied once per device)."""
+        if device.type == "cpu":
+            return self._forms_cpu
+        if device not in self._on:
+            self._on[device] = self._forms_cpu.to(device)
+        return self._on[device]
 
     def _widths(self, widths: np.ndarray) -> dict[int, np.ndarray]:
         """Edge index -> column of widths: accounting then computes every sample at once."""
@@ -101,27 +194,19 @@ class FeatureMap:
         padding GFLOPs.
         """
         w = torch.atleast_2d(widths.to(torch.float64))
-        n = w.shape[0]
-        wd = {i: w[:, i] for i in range(w.shape[1])}
-        zero = w.new_zeros(n)
-        cols: list[torch.Tensor] = []
-        mis = {8: zero, 32: zero}
-        pad = dict.fromkeys(ALIGNMENTS, zero)
-        bpe = self.bytes_per_element
-        for c in self._calls():
-            cost = layer_cost(c, wd, batch=self.batch, bytes_per_element=bpe)
-            f = zero + cost.flops / 1e9
-            cols += [f, zero + cost.bytes / 1e6]
-            n_in, n_out = zero + _side(c.in_layout, wd), zero + _side(c.out_layout, wd)
-            for m in mis:
-                off = (torch.remainder(n_in.detach().round(), m) != 0) | (
-                    torch.remainder(n_out.detach().round(), m) != 0)
-                mis[m] = mis[m] + f * off
-            for m in pad:
-                pad[m] = pad[m] + f * _padded_excess_t(c, n_in, n_out, m)
-        total = network_cost(self.graph, wd, batch=self.batch, bytes_per_element=bpe)
-        cols += [zero + total.bytes / 1e6, mis[8], mis[32], *pad.values()]
-        return torch.stack(cols, dim=1)
+        f = self._forms(w.device)
+        n_in, n_out = f.counts(w)
+        net_mb = _bilinear(f.net_bytes, n_in, n_out).sum(1) / 1e6
+        n_in, n_out = n_in[:, f.feature], n_out[:, f.feature]
+        gflops = _bilinear(f.flops[:, f.feature], n_in, n_out) / 1e9
+        mbytes = _bilinear(f.bytes[:, f.feature], n_in, n_out) / 1e6
+        per_call = torch.stack([gflops, mbytes], dim=2).reshape(len(w), -1)
+        whole_in, whole_out = n_in.detach().round(), n_out.detach().round()
+        mis = [(gflops * ((torch.remainder(whole_in, m) != 0)
+                          | (torch.remainder(whole_out, m) != 0))).sum(1) for m in (8, 32)]
+        depthwise = f.depthwise[f.feature]
+        pad = [(gflops * _excess(n_in, n_out, depthwise, m)).sum(1) for m in ALIGNMENTS]
+        return torch.cat([per_call, torch.stack([net_mb, *mis, *pad], dim=1)], dim=1)
 
     def layer(self, widths: np.ndarray) -> np.ndarray:
         """Per-layer GFLOPs and MB, total MB, misaligned and padding GFLOPs; a row per width."""
@@ -151,8 +236,8 @@ class FeatureMap:
     def flops_torch(self, widths: torch.Tensor) -> torch.Tensor:
         """Total FLOPs (at the batch) of each row of ``widths``, differentiable, shape (n,)."""
         w = torch.atleast_2d(widths.to(torch.float64))
-        wd = {i: w[:, i] for i in range(w.shape[1])}
-        return w.new_zeros(w.shape[0]) + network_cost(self.graph, wd, batch=self.batch).flops
+        f = self._forms(w.device)
+        return _bilinear(f.flops, *f.counts(w)).sum(1) + f.fixed_flops
 
     def flops(self, widths: np.ndarray) -> np.ndarray:
         """Total FLOPs of each width vector (at the batch)."""

@@ -1,0 +1,109 @@
+"""The vectorised layer features against brute force: ``layer_cost`` call by call.
+
+``FeatureMap.layer_torch`` and ``flops_torch`` compute every call at once from forms read off
+``call_cost``; the reference below is the plain loop over the graph's calls (the accounting
+itself). Values must agree to rounding and gradients (the cost loss's) to 1e-9, on nets with
+every kind of call: plain, depthwise and grouped convs, concatenations, attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gator_hw.accounting import layer_cost, network_cost
+from gator_hw.costmodel.features import ALIGNMENTS, FeatureMap, padded_excess
+from gator_hw.graph import build_hypergraph
+from tests.conftest import cached_network
+from tests.test_transformers import tiny_vit
+
+
+def reference_layer_features(fm: FeatureMap, w: torch.Tensor) -> torch.Tensor:
+    """The layer features, one call at a time from the accounting (brute force)."""
+    w = torch.atleast_2d(w)
+    wd = {i: w[:, i] for i in range(w.shape[1])}
+    zero = w.new_zeros(len(w))
+    cols: list[torch.Tensor] = []
+    mis = {8: zero, 32: zero}
+    pad = dict.fromkeys(ALIGNMENTS, zero)
+    for c in fm.graph.calls:
+        if c.kind in ("norm", "param"):
+            continue
+        cost = layer_cost(c, wd, batch=fm.batch, bytes_per_element=fm.bytes_per_element)
+        f = zero + cost.flops / 1e9
+        cols += [f, zero + cost.bytes / 1e6]
+        n_in = zero + sum(wd.get(s.gid, s.length) * s.repeat for s in c.in_layout)
+        n_out = zero + sum(wd.get(s.gid, s.length) * s.repeat for s in c.out_layout)
+        for m in mis:
+            off = (torch.remainder(n_in.detach().round(), m) != 0) | (
+                torch.remainder(n_out.detach().round(), m) != 0)
+            mis[m] = mis[m] + f * off
+        for m in pad:
+            pad[m] = pad[m] + f * padded_excess(c, n_in, n_out, m)
+    total = network_cost(fm.graph, wd, batch=fm.batch, bytes_per_element=fm.bytes_per_element)
+    cols += [zero + total.bytes / 1e6, mis[8], mis[32], *pad.values()]
+    return torch.stack(cols, dim=1)
+
+
+class _Shared(torch.nn.Module):
+    """A conv called twice: its weights are read once per call but stored once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.body = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.body(self.stem(x)).relu())
+        return self.head(x.mean((2, 3)))
+
+
+def _graphs():
+    yield "shared", build_hypergraph(_Shared(), (1, 3, 16, 16), "shared")
+    yield "resnet18", cached_network("resnet18", 32).graph
+    yield "mobilenet_v2", cached_network("mobilenet_v2", 32).graph  # depthwise
+    yield "resnext50_32x4d", cached_network("resnext50_32x4d", 32).graph  # grouped
+    yield "densenet121", cached_network("densenet121", 32).graph  # concatenations
+    yield "vit", build_hypergraph(tiny_vit(), (1, 3, 32, 32), "vit")  # attention, params
+
+
+@pytest.mark.parametrize(("name", "graph"), list(_graphs()), ids=lambda v: v
+                         if isinstance(v, str) else "")
+@pytest.mark.parametrize(("batch", "dtype"), [(1, "float32"), (3, "bfloat16")])
+def test_layer_features_equal_the_call_by_call_accounting(name, graph, batch, dtype) -> None:
+    fm = FeatureMap(graph, batch, dtype)
+    gen = torch.Generator().manual_seed(len(name) + batch)
+    full = torch.tensor([float(e.channels) for e in graph.edges], dtype=torch.float64)
+    rows = [full, torch.ones_like(full), (full * 0.5).round()]
+    rows += [torch.randint(1, 1 << 30, full.shape, generator=gen) % full + 1 for _ in range(5)]
+    rows += [full * torch.rand(full.shape, generator=gen, dtype=torch.float64) + 0.5]
+    w = torch.stack(rows).to(torch.float64)
+    got, want = fm.layer_torch(w), reference_layer_features(fm, w)
+    assert got.shape == (len(w), len(fm.layer_names()))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    flops = [network_cost(graph, dict(enumerate(r.tolist())), batch=batch).flops for r in w]
+    torch.testing.assert_close(fm.flops_torch(w), torch.tensor(flops, dtype=torch.float64),
+                               rtol=1e-12, atol=0.0)
+    # the gradient the cost loss takes, for a random positive law over the features
+    coef = torch.rand(got.shape[1], generator=gen, dtype=torch.float64)
+
+    def grad(fn) -> torch.Tensor:
+        n = w[3:].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((fn(n) @ coef).sum(), n)
+        return g
+
+    torch.testing.assert_close(grad(fm.layer_torch),
+                               grad(lambda n: reference_layer_features(fm, n)),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_layer_features_run_on_another_device_copy_of_the_forms() -> None:
+    """The forms are read once and kept per device; a second call reuses them."""
+    fm = FeatureMap(cached_network("resnet18", 32).graph)
+    w = torch.tensor([[float(e.channels) for e in fm.graph.edges]], dtype=torch.float64)
+    first = fm.layer_torch(w)
+    assert fm._forms_cpu is fm._forms(torch.device("cpu"))
+    torch.testing.assert_close(fm.layer_torch(w), first, rtol=0, atol=0)
+    if torch.cuda.is_available():
+        torch.testing.assert_close(fm.layer_torch(w.cuda()).cpu(), first, rtol=1e-12, atol=0)
