@@ -44,18 +44,31 @@ def _autocast(device: str, amp: str | None):
     return torch.autocast("cuda", dtype=getattr(torch, amp))
 
 
+def _base_optimizer(model: torch.nn.Module, name: str, lr: float, steps: int):
+    """``sgd``: SGD with momentum and a cosine schedule; ``adamw``: AdamW with a one-cycle
+    schedule (deep bottleneck nets such as ResNet-50 barely learn digits from scratch with
+    the plain SGD recipe in a few hundred steps: 31 % after 10 epochs at 64 px, against 98.9 %)."""
+    if name == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                        pct_start=0.15)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+
 def train_base(out: Path, epochs: int, seed: int, *, model_name: str = "resnet20",
                size: int = 32, lr: float = 0.1, device: str = "cpu", amp: str | None = None,
+               optimizer: str = "sgd",
                log=lambda m: print(m, flush=True)) -> tuple[Path, float]:
-    """Plain SGD + cosine training on digits (``amp``: autocast dtype on CUDA); returns
-    the weights' path and val acc."""
+    """Train on digits from scratch (``optimizer``: ``sgd`` or ``adamw``, see
+    :func:`_base_optimizer`; ``amp``: autocast dtype on CUDA); returns the weights' path and
+    val acc."""
     torch.manual_seed(seed)
     data = load_data("digits", size, seed=seed)
     model = build_model(model_name, 10, seed=seed).to(device)
     tl = DataLoader(data.train, 64, shuffle=True, drop_last=True)
     vl = DataLoader(data.val, 256)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(tl))
+    opt, sched = _base_optimizer(model, optimizer, lr, epochs * len(tl))
     for ep in range(epochs):
         model.train()
         for x, y in tl:

@@ -249,6 +249,9 @@ def main() -> None:
     ap.add_argument("--random-nets", type=int, default=48)
     ap.add_argument("--budgets", default="0.7,0.5,0.35")
     ap.add_argument("--base-epochs", type=int, default=15)
+    ap.add_argument("--base-optimizer", default="sgd", choices=("sgd", "adamw"),
+                    help="the unpruned net's training: sgd (lr 0.05, cosine) or adamw (lr 2e-3, "
+                    "one cycle; ResNet-50 needs it)")
     ap.add_argument("--base-weights", type=Path, default=None)
     ap.add_argument("--epochs", type=int, default=12, help="pruning + fine-tuning epochs")
     ap.add_argument("--lr", type=float, default=0.02)
@@ -280,7 +283,8 @@ def main() -> None:
     weights = a.base_weights or a.out / "base.safetensors"
     if not weights.exists():
         train_base(a.out, a.base_epochs, a.seed, model_name=a.model, size=a.input_size,
-                   lr=0.05, device=a.device, amp=a.amp, log=log)
+                   lr=0.05 if a.base_optimizer == "sgd" else 2e-3, device=a.device, amp=a.amp,
+                   optimizer=a.base_optimizer, log=log)
     base_acc = base_accuracy(weights, a.seed, model_name=a.model, size=a.input_size,
                              device=a.device)
     log(f"unpruned val acc {100 * base_acc:.2f}%")
