@@ -125,7 +125,7 @@ fi
 
 # 6. the tests that need CUDA (they skip elsewhere)
 step tests 45 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_profile.py \
-  tests/test_train.py tests/test_features.py -k "cuda or gpu or device"
+  tests/test_train.py tests/test_features.py tests/test_calibration.py -k "cuda or gpu or device"
 echo "[$(date +%T)] total $(($(date +%s) - START)) s" | tee -a "$LOG"
 command -v nvidia-smi > /dev/null && nvidia-smi --format=csv \
   --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu | tee "$OUT/gpu_state.csv"

@@ -15,7 +15,7 @@ from gator_hw.errors import GatorError
 from gator_hw.gates import GateSet
 from gator_hw.loss import CostCriterion
 from gator_hw.network import load_network
-from gator_hw.profile.timing import cpu_name
+from gator_hw.profile.timing import cpu_name, make_spec
 from gator_hw.train import TrainSettings, train
 from gator_hw.train import calibration as train_calibration
 from gator_hw.train.calibration import calibration_spec, correction, measure_kept
@@ -107,10 +107,15 @@ def test_calibration_spec_follows_the_table_and_the_device(latency_config) -> No
     assert calibration_spec(None, torch.device("cpu"))[0] is None
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_measure_kept_times_the_converted_network_and_leaves_the_model_alone(
-        latency_config) -> None:
+        latency_config, device) -> None:
+    """On CUDA too: a run trains there, the kept network is converted on the CPU and timed
+    on the spec's device."""
     net = load_network("resnet18", input_size=32)
-    gates = GateSet.from_graph(net.graph, 0.9)
+    net.model.to(device)
+    gates = GateSet.from_graph(net.graph, 0.9).to(device)
     with torch.no_grad():
         for t in gates.logits:
             t[: len(t) * 3 // 4] = -1.0  # keep a quarter of every edge
@@ -119,7 +124,9 @@ def test_measure_kept_times_the_converted_network_and_leaves_the_model_alone(
     net.model.train()
     spec, _ = calibration_spec(read_config(latency_config).cost_model, torch.device("cpu"))
     spec = replace(spec, batch=8, min_block_s=0.02, repeats=4)
-    x = torch.randn(2, 3, 32, 32)
+    if device == "cuda":
+        spec = make_spec("resnet18", device="cuda", batch=8, input_size=32, repeats=4)
+    x = torch.randn(2, 3, 32, 32, device=device)
     gates.eval()
     with torch.no_grad():
         before = net.model.eval()(x)

@@ -117,8 +117,8 @@ def measure_kept(
     keep = gates.kept_indices()
     if attached:
         gates.detach()
-    try:
-        full = copy.deepcopy(model).eval()
+    try:  # converted on the CPU (as `convert` runs): the timing moves it to the spec's device
+        full = copy.deepcopy(model).cpu().eval()
         small = convert(full, graph, keep)
     finally:
         if attached:
