@@ -86,7 +86,7 @@ TARGETS: tuple[Target, ...] = (
     _t("costmodel/dataset.py", "costmodel"),
     _t("costmodel/differentiable.py", "differentiable"),
     _t("costmodel/embedded.py", "differentiable", "shipped"),
-    _t("costmodel/features.py", "costmodel", "differentiable"),
+    _t("costmodel/features.py", "features", "costmodel", "differentiable"),
     _t("costmodel/gator.py", "costmodel_gator"),
     _t("costmodel/make.py", "costmodel", "differentiable"),
     _t("costmodel/model.py", "costmodel", "differentiable"),

@@ -105,5 +105,7 @@ def test_layer_features_run_on_another_device_copy_of_the_forms() -> None:
     first = fm.layer_torch(w)
     assert fm._forms_cpu is fm._forms(torch.device("cpu"))
     torch.testing.assert_close(fm.layer_torch(w), first, rtol=0, atol=0)
+    meta = torch.device("meta")  # another device, without a GPU: the forms are copied once
+    assert fm._forms(meta) is fm._forms(meta) and fm._forms(meta).in_map.device == meta
     if torch.cuda.is_available():
         torch.testing.assert_close(fm.layer_torch(w.cuda()).cpu(), first, rtol=1e-12, atol=0)
