@@ -16,7 +16,8 @@
 #   3. the end-to-end measurement at latency budget 0.5: train ResNet-50 on digits at 224 px,
 #      prune with the latency config and with the FLOPs config to equal FLOPs, convert both,
 #      time both against the full net (bench's protocol, CUDA-graph replay);
-#   4. the e2e at budget 0.35 (budget 0.5 comes from its cache);
+#   4. a gated training step against a plain one (bench_gates.py), then the e2e at budget
+#      0.35 (budget 0.5 comes from its cache);
 #   5. the table's third round (the profiler resumes the shipped cells), if time is left;
 #   6. the CUDA tests.
 # make-config and validate are CPU work: run them on the returned table, not on the GPU's time.
@@ -113,6 +114,12 @@ E2E_RUN=("$PY" "$HERE/e2e_latency.py" --out "$OUT/e2e" --table "$TABLE" --model 
   --input-size "$SIZE" --batch-size "$BATCH" --device "$DEV" "${E2E[@]}")
 [ -f "$TABLE" ] && step e2e_b1 $(($(left) - 40)) "${E2E_RUN[@]}" --budgets "$B1"
 
+# 3b. the gated step against a plain one (cost model and projection every step), ~20 s
+CONFIG="$OUT/e2e/cfg/latency.json"
+[ -f "$CONFIG" ] && step bench_gates 60 "$PY" "$HERE/bench_gates.py" --model "$MODEL" \
+  --size "$SIZE" --batch 64 --device "$DEV" --config "$CONFIG" --target latency=0.5 \
+  --repeats 10
+
 # 4. a deeper budget (budget 1 is reused from its cache)
 [ -f "$TABLE" ] && step e2e_b2 $(($(left) - 40)) "${E2E_RUN[@]}" --budgets "$B1,$B2"
 
@@ -129,7 +136,7 @@ step tests 45 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_profile.py \
 echo "[$(date +%T)] total $(($(date +%s) - START)) s" | tee -a "$LOG"
 command -v nvidia-smi > /dev/null && nvidia-smi --format=csv \
   --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu | tee "$OUT/gpu_state.csv"
-for f in "$OUT"/profile_*.log "$OUT/e2e/results.md"; do
+for f in "$OUT"/profile_*.log "$OUT/bench_gates.log" "$OUT/e2e/results.md"; do
   [ -f "$f" ] && { echo "== $f"; tail -n 25 "$f"; }
 done
 pack
