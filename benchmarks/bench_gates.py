@@ -63,7 +63,7 @@ def run(a: argparse.Namespace) -> None:
     groups += gate_param_groups(gates, crit.edge_weights(widths), gamma=0.2, weight_decay=1e-4)
     opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(a.batch, 3, a.size, a.size, device=dev)
-    y = torch.randint(0, 1000, (a.batch,), device=dev)
+    y = torch.randint(0, net.num_classes, (a.batch,), device=dev)
     budget = None
     if a.target:  # the ceiling falls from the first step: every step projects
         sched = BudgetSchedule.for_run(BudgetTarget.parse(a.target), 4 * (a.repeats + 1),
