@@ -51,5 +51,15 @@ def load_network(
     if weights is not None:
         load_weights(model, weights, name=name, log=log)
     graph = build_hypergraph(model, (1, 3, size, size), name)
-    n_out = getattr(model, "num_classes", None)
+    n_out = output_channels(graph) or getattr(model, "num_classes", None)
     return Network(name, model, graph, size, int(n_out or num_classes))
+
+
+def output_channels(graph) -> int | None:
+    """The outputs per sample the traced network returns (its classes), from the layout of its
+    one output tensor; None when it returns several or the layout is unknown."""
+    outs = [inputs for op, _, inputs in graph.dataflow.values() if op == "output"]
+    if len(outs) != 1 or len(outs[0]) != 1:
+        return None
+    layout = graph.node_layouts.get(outs[0][0])
+    return sum(s.length * s.repeat for s in layout) if layout else None

@@ -230,3 +230,24 @@ def test_discovery_leaves_the_model_in_its_own_mode(training: bool) -> None:
     model = torchvision.models.resnet18(num_classes=10).train(training)
     build_hypergraph(model, (1, 3, 32, 32))
     assert all(m.training == training for m in model.modules())
+
+
+class _NeedsSize(nn.Module):
+    """A model that checks its input size (as torchvision's ViT does) and prints a note."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[2] == 32, "Wrong image height! Expected 32")
+        return self.conv(x)
+
+
+def test_an_input_the_model_refuses_is_one_line_and_no_traceback(capsys) -> None:
+    with pytest.raises(GatorError) as exc:
+        build_hypergraph(_NeedsSize(), (1, 3, 16, 16), "needs32")
+    assert "--input-size" in str(exc.value) and "\n" not in str(exc.value)
+    assert "Traceback" not in capsys.readouterr().err  # torch's ShapeProp prints one
+    build_hypergraph(_NeedsSize(), (1, 3, 32, 32), "needs32")
+    assert capsys.readouterr().err == ""

@@ -10,6 +10,7 @@ import torch
 
 from gator_hw.errors import GatorError
 from gator_hw.models import available_models, build_model, default_input_size, load_weights
+from gator_hw.network import load_network
 
 
 def test_names_and_input_sizes() -> None:
@@ -80,3 +81,19 @@ def test_timm_models_build_by_name_with_random_weights(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # timm not installed
     with pytest.raises(GatorError, match=r"pip install 'gator-hw\[timm\]'"):
         build_model("timm:resnet18")
+
+
+def test_network_reports_the_classes_its_model_outputs(tmp_path: Path) -> None:
+    """The class count is read off the traced output, not taken from the request: a CIFAR net
+    left at the default has 10 outputs, and a factory that ignores num_classes has its own."""
+    net = load_network("resnet20", input_size=32)
+    assert net.num_classes == net.model.fc.out_features == 10
+    f = tmp_path / "fixed.py"
+    f.write_text(
+        "import torch.nn as nn\n"
+        "def seven():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(8, 7))\n"
+    )
+    assert load_network(f"{f}:seven", input_size=16, num_classes=1000).num_classes == 7
+    assert load_network("resnet18", input_size=32, num_classes=5).num_classes == 5

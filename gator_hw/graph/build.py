@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import sys
 from collections import defaultdict
 from types import MappingProxyType
 
@@ -52,12 +55,17 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         example = torch.zeros(input_shape, device=param.device if param is not None else "cpu",
                               dtype=param.dtype if param is not None else None)
+        # torch's ShapeProp prints a traceback before it re-raises: keep stderr until the run
+        # is known to have worked (then pass on what the model itself printed)
+        err = io.StringIO()
         try:
-            with _counted_paths(), FlopCounterMode(display=False) as counter:
+            with (contextlib.redirect_stderr(err), _counted_paths(),
+                  FlopCounterMode(display=False) as counter):
                 ShapeProp(gm).propagate(example)
             gm.meta["flops"] = int(counter.get_total_flops())
         except Exception as exc:
             raise _run_error(exc, name, tuple(input_shape)) from exc
+        sys.stderr.write(err.getvalue())
     finally:
         model.train(was_training)
     return gm
@@ -84,7 +92,7 @@ def _counted_paths():
 
 #: Words of torch's messages for an input the layers cannot take (the shape is the fix).
 _SHAPE_WORDS = ("size", "shape", "dimension", "mat1", "kernel", "expected input", "must match",
-                "output size", "too small")
+                "output size", "too small", "height", "width")
 
 
 def _run_error(exc: Exception, name: str, shape: tuple[int, ...]) -> GatorError:
@@ -96,7 +104,8 @@ def _run_error(exc: Exception, name: str, shape: tuple[int, ...]) -> GatorError:
     if isinstance(exc, MemoryError) or "out of memory" in msg.lower():
         return GatorError(f"{name} ran out of memory on one input of shape {shape} ({msg}); "
                           "free memory or trace it on the CPU")
-    if isinstance(exc, RuntimeError | ValueError) and any(w in msg.lower() for w in _SHAPE_WORDS):
+    if isinstance(exc, RuntimeError | ValueError | AssertionError) and any(
+            w in msg.lower() for w in _SHAPE_WORDS):
         return GatorError(f"{name} does not run on an input of shape {shape} ({msg}); pass an "
                           "--input-size the model accepts")
     return GatorError(f"{name}'s forward raised {type(exc).__name__} on an input of shape "
