@@ -28,11 +28,12 @@ def true_latency_ms(net: Network, widths: np.ndarray) -> np.ndarray:
 
 def write_synthetic_table(
     path: Path, net: Network, *, fractions=(0.25, 0.5, 0.75), random_nets: int = 30,
-    rounds: int = 3, noise: float = 0.003, seed: int = 0,
+    rounds: int = 3, noise: float = 0.003, seed: int = 0, device: str = "cpu",
 ) -> Path:
-    """Time nothing: build cells from ``true_latency_ms`` (+ noise and round drift), write them."""
+    """Time nothing: build cells from ``true_latency_ms`` (+ noise and round drift), write them
+    as if timed on ``device`` (the sidecar names it)."""
     g = net.graph
-    spec = make_spec(net.name, batch=BATCH, input_size=net.input_size, threads=1)
+    spec = make_spec(net.name, batch=BATCH, input_size=net.input_size, threads=1, device=device)
     variants = build_variants(g, fractions, random_nets=random_nets, seed=seed)
     truth = true_latency_ms(net, np.array([v.widths for v in variants]))
     rng = np.random.default_rng(seed)

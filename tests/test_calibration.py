@@ -205,3 +205,20 @@ def test_a_measurement_far_from_the_prediction_is_reported_not_followed(
     with pytest.raises(GatorError) as exc:
         train(replace(s, out=tmp_path / "on", calibrate="on"), log=lambda m: None)
     one_line_error(exc, "does not describe this device")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_latency_run_on_cuda_measures_its_kept_network_there(tmp_path) -> None:
+    """A run on the GPU its table names converts and times the kept network there during the
+    run and at its end (the law is synthetic, so a measurement may be refused, not crash)."""
+    net = load_network("resnet20", input_size=32)
+    table = write_synthetic_table(tmp_path / "t.csv", net, device="cuda")
+    cfg = write_config(make_config([table], method="ridge", input_size=32).config,
+                       tmp_path / "c.json")
+    s = TrainSettings("resnet20", config=cfg, data="fake", out=tmp_path / "r", epochs=2,
+                      batch_size=32, input_size=32, device="cuda", target="latency=0.8",
+                      amp=True, amp_dtype="bfloat16")
+    train(s, log=lambda m: None)
+    doc = json.loads((tmp_path / "r" / "plan.json").read_text())
+    assert doc["calibrations"] and all(c["measured"] > 0 for c in doc["calibrations"])
+    assert doc["measured_latency"]["measured"] > 0
