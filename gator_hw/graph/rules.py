@@ -469,6 +469,16 @@ _PASS_MODULES = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
+def _stochastic_depth() -> tuple[Callable, ...]:
+    """torchvision's ``stochastic_depth``: it drops whole samples (or the whole batch), so it is
+    per element on channels-first and channels-last tensors alike."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (stochastic_depth,)
+
+
 _PASS_FUNCTIONS = tuple(
     dict.fromkeys(
         (  # some F.* are the torch.* builtins themselves
@@ -495,6 +505,7 @@ _PASS_FUNCTIONS = tuple(
             F.adaptive_avg_pool2d,
             F.adaptive_max_pool2d,
             torch.clone,
+            *_stochastic_depth(),
         )
     )
 )
@@ -532,17 +543,6 @@ def _per_channel(b: Builder, call: Call) -> Layout | None:
             return x
         return b.unknown(call, f"{call.name} is not per-element on channels-last features")
     return b.passthrough(call)
-
-
-def _register_torchvision() -> None:
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return
-    channel_rule(stochastic_depth)(_per_channel)
-
-
-_register_torchvision()
 
 
 @channel_rule(nn.Flatten, torch.flatten, "method:flatten")
