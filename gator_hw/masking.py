@@ -7,7 +7,7 @@ a 0/1 mask gives exactly the network with those channels removed (``gator_hw.sli
 gate vector gives the gated network. Two readers mix channels and are recomputed instead: a
 layer norm over channels takes its mean and variance weighted by the vector (over the kept
 channels only, for a mask), and self-attention scales its input features, query channels and
-value channels (``masked_attention``).
+value channels (``masked_attention``; Swin's window attention: ``masked_window_attention``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gator_hw.attention import attend
+from gator_hw.attention import (
+    attend,
+    from_windows,
+    shift_mask,
+    swin_position_bias,
+    swin_qkv_bias,
+    swin_scale,
+    to_windows,
+    window_attend,
+)
 from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph, LayerCall, Seg
 
 __all__ = ["expand_layout", "mask_model", "masked_attention", "masked_layer_norm", "masked_output",
-           "reader_layouts", "scale_inputs"]
+           "masked_window_attention", "reader_layouts", "scale_inputs"]
 
 
 def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
@@ -145,6 +154,27 @@ def masked_attention(m: nn.MultiheadAttention, x: torch.Tensor, s_in: torch.Tens
     return F.linear(out, m.out_proj.weight, m.out_proj.bias), None
 
 
+def masked_window_attention(m: nn.Module, x: torch.Tensor, s_in: torch.Tensor | None,
+                            s_proj: torch.Tensor | None) -> torch.Tensor:
+    """``m(x)`` for torchvision's shifted window attention ``m`` (Swin V1 or V2) with its input
+    features scaled by ``s_in`` and its query and value channels by ``s_proj`` (a (…, 3C)
+    vector over q, k, v). V2 scales its keys too: its cosine scores normalise q and k over
+    the kept channels only, as the slimmed attention does."""
+    c = m.proj.in_features
+    win, grid = to_windows(_scaled(x, s_in), m.window_size, m.shift_size)
+    cosine = getattr(m, "logit_scale", None) is not None
+    q, k, v = F.linear(win, m.qkv.weight, swin_qkv_bias(m, (c, c, c))).chunk(3, dim=-1)
+    if s_proj is not None:  # per sample: the same vector in each of its windows
+        s = s_proj.repeat_interleave(grid.count, dim=0) if s_proj.dim() > 1 else s_proj
+        q, v = _scaled(q, s[..., :c]), _scaled(v, s[..., 2 * c:])
+        k = _scaled(k, s[..., c:2 * c]) if cosine else k
+    out = window_attend(q, k, v, m.num_heads, swin_position_bias(m), shift_mask(grid, win),
+                        scale=swin_scale(m), logit_scale=m.logit_scale if cosine else None,
+                        dropout=m.attention_dropout, training=m.training)
+    out = F.dropout(F.linear(out, m.proj.weight, m.proj.bias), p=m.dropout, training=m.training)
+    return from_windows(out, grid)
+
+
 def _mixing_hooks(modules: dict[str, nn.Module], graph: HyperGraph,
                   vectors: Callable[[], Mapping[int, torch.Tensor]]) -> list:
     """Forward hooks that recompute layer norms and self-attention under the vectors."""
@@ -165,12 +195,15 @@ def _mixing_hooks(modules: dict[str, nn.Module], graph: HyperGraph,
         handles.append(modules[name].register_forward_hook(norm_hook))
     for name, call in _touching(graph, "attention").items():
 
-        def attention_hook(m: nn.Module, args: tuple, out, call=call):
+        masked = (masked_attention if isinstance(modules[name], nn.MultiheadAttention)
+                  else masked_window_attention)
+
+        def attention_hook(m: nn.Module, args: tuple, out, call=call, masked=masked):
             vec = vectors()
             s_in, s_proj = expand_layout(call.in_layout, vec), expand_layout(call.out_layout, vec)
             if s_in is None and s_proj is None:
                 return None
-            return masked_attention(m, args[0], s_in, s_proj)
+            return masked(m, args[0], s_in, s_proj)
 
         handles.append(modules[name].register_forward_hook(attention_hook))
     return handles

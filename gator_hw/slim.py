@@ -5,10 +5,10 @@ along their output and input dimensions, batch-norm affine parameters and runnin
 depthwise convs (``groups`` follows the channel count) and grouped convs (each group keeps the
 same number of channels, so ``groups`` is unchanged), layer norms, parameters lined up with
 channels (layer scale, class token, position embedding), and self-attention, which becomes a
-``SlimAttention``. Sizes the model stores for its forward follow (torchvision ViT's
-``hidden_dim``; the channel counts written into a traced model's reshapes). The result equals
-the original model with the removed channels zeroed where they are read (see
-``gator_hw.masking``).
+``SlimAttention`` (Swin's window attention: a ``SlimWindowAttention``). Sizes the model stores
+for its forward follow (torchvision ViT's ``hidden_dim``; the channel counts written into a
+traced model's reshapes). The result equals the original model with the removed channels
+zeroed where they are read (see ``gator_hw.masking``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from gator_hw.attention import SlimAttention
+from gator_hw.attention import SlimAttention, SlimWindowAttention
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import HyperGraph, LayerCall, Plan, Seg
+from gator_hw.graph.rules import window_attentions
 
 __all__ = ["layout_index", "slim"]
 
@@ -105,14 +106,19 @@ def _slice_param(model: nn.Module, call: LayerCall, idx: torch.Tensor) -> None:
 
 def _slim_attention(model: nn.Module, m: nn.Module, call: LayerCall, out_call: LayerCall,
                     keep: Mapping[int, Sequence[int]]) -> None:
-    if not isinstance(m, nn.MultiheadAttention):
-        raise GatorError(f"layer {call.module} is not the MultiheadAttention its graph recorded;"
-                         " the model does not match the graph it was traced as")
-    e = m.embed_dim
+    """Replace the self-attention ``m`` (``nn.MultiheadAttention`` or Swin's window attention)
+    with its slim twin keeping the channels of ``keep``."""
+    e = sum(s.width for s in call.out_layout) // 3  # the projection writes q, k, v
     rows = layout_index(call.out_layout, keep)
-    out_idx = layout_index(out_call.out_layout, keep)
-    new = SlimAttention.from_mha(m, layout_index(call.in_layout, keep), rows[rows < e],
-                                 rows[rows >= 2 * e] - 2 * e, out_idx)
+    idx = (layout_index(call.in_layout, keep), rows[rows < e], rows[rows >= 2 * e] - 2 * e,
+           layout_index(out_call.out_layout, keep))
+    if isinstance(m, nn.MultiheadAttention):
+        new = SlimAttention.from_mha(m, *idx)
+    elif isinstance(m, window_attentions()):
+        new = SlimWindowAttention(m, *idx)
+    else:
+        raise GatorError(f"layer {call.module} is not the self-attention its graph recorded; "
+                         "the model does not match the graph it was traced as")
     owner, attr = _owner(model, call.module)
     setattr(owner, attr, new)
 
@@ -204,12 +210,12 @@ def slim(model: nn.Module, graph: HyperGraph, plan: Plan, *, missing_ok: bool = 
             if len(idx) < graph.edges[g].channels}
     new = copy.deepcopy(model)
     modules = dict(new.named_modules())
-    outs = {c.module: c for c in graph.calls if c.kind == "attention_out"}
+    outs = {c.order: c for c in graph.calls if c.kind == "attention_out"}
     done: set[str] = set()
     for call in graph.calls:
         if call.kind in ("attention_core", "attention_out") or call.module in done:
             continue
-        out_call = outs.get(f"{call.module}.out_proj")
+        out_call = outs.get(call.order) if call.kind == "attention" else None
         if not (_touches(call, keep) or (out_call is not None and _touches(out_call, keep))):
             continue
         done.add(call.module)

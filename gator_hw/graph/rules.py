@@ -31,7 +31,7 @@ __all__ = [
     "CHANNELS_LAST_RULES", "CONST_RULES", "TUPLE_RULES",
     "Builder", "Call", "Const", "LastDim", "Layout", "Run", "ShapeOf", "Space", "TupleOf",
     "channel_rule", "known_leaves", "layer_norms_2d", "layer_norms_last", "read_shape",
-    "rule_for",
+    "rule_for", "window_attentions",
 ]
 
 
@@ -469,6 +469,16 @@ _PASS_MODULES = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
+def _stochastic_depth() -> tuple[Callable, ...]:
+    """torchvision's ``stochastic_depth``: it drops whole samples (or the whole batch), so it is
+    per element on channels-first and channels-last tensors alike."""
+    try:
+        from torchvision.ops import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return ()
+    return (stochastic_depth,)
+
+
 _PASS_FUNCTIONS = tuple(
     dict.fromkeys(
         (  # some F.* are the torch.* builtins themselves
@@ -495,6 +505,7 @@ _PASS_FUNCTIONS = tuple(
             F.adaptive_avg_pool2d,
             F.adaptive_max_pool2d,
             torch.clone,
+            *_stochastic_depth(),
         )
     )
 )
@@ -532,17 +543,6 @@ def _per_channel(b: Builder, call: Call) -> Layout | None:
             return x
         return b.unknown(call, f"{call.name} is not per-element on channels-last features")
     return b.passthrough(call)
-
-
-def _register_torchvision() -> None:
-    try:
-        from torchvision.ops import stochastic_depth
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return
-    channel_rule(stochastic_depth)(_per_channel)
-
-
-_register_torchvision()
 
 
 @channel_rule(nn.Flatten, torch.flatten, "method:flatten")
@@ -863,8 +863,8 @@ def known_leaves() -> tuple[type, ...]:
     """Layers traced as one call whose forward gator-hw knows: the layer norms above, timm's
     ``Conv2dSame`` (a conv after padding computed from the input's size, which torch.fx cannot
     trace; per channel it is its conv) and timm's ``Linear`` (``nn.Linear``'s forward through
-    ``F.linear``)."""
-    return (*layer_norms_2d(), *layer_norms_last(),
+    ``F.linear``), and torchvision's Swin window attention (``window_attentions``)."""
+    return (*layer_norms_2d(), *layer_norms_last(), *window_attentions(),
             *_classes("timm.layers:Conv2dSame", "timm.layers:Linear"))
 
 
@@ -932,16 +932,29 @@ def _self_attention(call: Call) -> str | None:
 def _attention(b: Builder, call: Call) -> Layout | None:
     """Batch-first self-attention: its input features (read by the packed q/k/v projection),
     the query/key channels and the value channels of its heads (each kept evenly over the
-    heads, so every head keeps its own), and its output features (``out_proj``).
-
-    Three layer calls record it: ``attention`` (the packed projection), ``attention_core``
-    (the score and weighting matmuls) and ``attention_out`` (``out_proj``).
-    """
+    heads, so every head keeps its own), and its output features (``out_proj``)."""
     why = _self_attention(call)
     if why is not None:
         return b.unknown(call, f"{call.name} {why}")
-    m, x, shape = call.module, call.in_layouts[0], call.in_shapes[0]
-    e, heads, tokens = m.embed_dim, m.num_heads, shape[1]
+    m, tokens = call.module, call.in_shapes[0][1]
+    out = _attention_edges(b, call, m.embed_dim, m.num_heads, f"{call.name}.out_proj",
+                           tokens=tokens, keys=tokens, bias=(m.in_proj_bias is not None,
+                                                             m.out_proj.bias is not None))
+    return TupleOf((out, None))
+
+
+def _attention_edges(b: Builder, call: Call, e: int, heads: int, out_module: str, *,
+                     tokens: int, keys: int, bias: tuple[bool, bool]) -> LastDim:
+    """The edges and layer calls of a self-attention on ``call``'s first input (``e``
+    features, ``heads`` heads): its query/key and its value channels (each a new space kept
+    evenly over the heads) and its output features, written by ``out_module``. Each of the
+    ``tokens`` queries attends to ``keys`` tokens; ``bias``: whether the q/k/v projection and
+    the output projection have biases.
+
+    Three layer calls record it: ``attention`` (the packed projection), ``attention_core``
+    (the score and weighting matmuls) and ``attention_out`` (the output projection).
+    """
+    x = call.in_layouts[0]
     qk, v = b.new_space(e), b.new_space(e)
     for sid, part in ((qk, "qk"), (v, "v")):
         b.spaces[sid].groups, b.spaces[sid].name = heads, f"{call.name}:{part}"
@@ -951,20 +964,73 @@ def _attention(b: Builder, call: Call) -> Layout | None:
     b.add_site(x, call.order, call.name, "in")
     b.add_site(projected, call.order, call.name, "out")
     b.add_site(LastDim((Run(qk, e), Run(v, e))), call.order, call.name, "attn")
-    b.add_site(values, call.order, f"{call.name}.out_proj", "in")
-    b.add_site(out, call.order, f"{call.name}.out_proj", "out")
+    b.add_site(values, call.order, out_module, "in")
+    b.add_site(out, call.order, out_module, "out")
     common = dict(spatial_in=tokens, spatial_out=tokens, channels_last=True, groups=heads)
-    b.record_layer(call, "attention", x, projected, bias=m.in_proj_bias is not None, **common)
+    b.record_layer(call, "attention", x, projected, bias=bias[0], **common)
     b.record_layer(call, "attention_core", (Run(qk, e),), values, module=f"{call.name}.core",
-                   **common)
-    b.record_layer(call, "attention_out", values, out, module=f"{call.name}.out_proj",
-                   bias=m.out_proj.bias is not None, **common)
-    return TupleOf((out, None))
+                   **{**common, "spatial_out": keys})
+    b.record_layer(call, "attention_out", values, out, module=out_module, bias=bias[1], **common)
+    return out
+
+
+def window_attentions() -> tuple[type, ...]:
+    """torchvision's Swin attention, V1 and V2 (``ShiftedWindowAttention(V2)``): traced as
+    leaves and pruned as self-attention."""
+    return _classes("torchvision.models.swin_transformer:ShiftedWindowAttention",
+                    "torchvision.models.swin_transformer:ShiftedWindowAttentionV2")
+
+
+def _window_attention(b: Builder, call: Call) -> Layout | None:
+    """torchvision's shifted window attention (Swin V1 and V2) on (B, H, W, C) features: the
+    features it reads and writes, and the query/key and value channels of its heads, each kept
+    evenly over the heads (the relative position bias, the logit scale and the head count stay).
+
+    Its tokens are the feature map zero-padded to whole windows; each query attends to the
+    tokens of its window.
+    """
+    if not _channels_last(call.in_layouts[0]):
+        return b.unknown(call, f"{call.name} reads features no channel rule follows")
+    m, shape = call.module, call.in_shapes[0]
+    (wh, ww), (h, w) = m.window_size, shape[1:3]
+    tokens = -(-h // wh) * wh * (-(-w // ww) * ww)
+    return _attention_edges(b, call, m.proj.in_features, m.num_heads, f"{call.name}.proj",
+                            tokens=tokens, keys=wh * ww,
+                            bias=(m.qkv.bias is not None, m.proj.bias is not None))
+
+
+def _patch_merging(b: Builder, call: Call) -> Layout | None:
+    """torchvision Swin's ``_patch_merging_pad``: (..., H, W, C) -> (..., H/2, W/2, 4C), each
+    2x2 neighbourhood's features side by side (zero-padded to even H and W): the same
+    channels four times over."""
+    x = call.in_layouts[0]
+    if not _channels_last(x):
+        return b.unknown(call, f"{call.name} merges patches of features no channel rule follows")
+    return LastDim(tuple(x) * 4)
+
+
+def _channels_last(x: Any) -> bool:
+    """Whether ``x`` is the layout of channels-last features, none of them flattened."""
+    return isinstance(x, LastDim) and all(r.repeat == 1 for r in x)
+
+
+def _register_swin() -> None:
+    """The rules of torchvision's Swin: its window attention and its patch merging."""
+    if window_attentions():
+        channel_rule(*window_attentions())(_window_attention)
+    try:
+        from torchvision.models.swin_transformer import _patch_merging_pad
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return
+    channel_rule(_patch_merging_pad)(_patch_merging)
+
+
+_register_swin()
 
 
 #: the rules that accept a channels-last (``LastDim``) input; any other op freezes it
 CHANNELS_LAST_RULES = (_linear, _per_channel, _getattr_like, _reshape, _permute, _elementwise,
-                       _cat, _getitem, _layer_norm, _attention)
+                       _cat, _getitem, _layer_norm, _attention, _window_attention, _patch_merging)
 
 #: the rules that know ``Const`` inputs; any other rule gets them as frozen constants
 CONST_RULES = (_expand, _reshape, _elementwise, _cat, _functional_batch_norm)
