@@ -15,6 +15,13 @@ position bias and logit scale (V2), with q/k/v projections of their own widths
 (``gator_hw.masking.masked_window_attention`` is its reference). Both share the window code
 below (``to_windows``, ``shift_mask``, ``window_attend``, ``from_windows``), which computes
 what torchvision's ``shifted_window_attention`` does.
+
+torchvision's MaxViT reshapes its attention's output to its input's width and splits heads by
+its stored head dim, so ``SlimRelativeAttention`` replaces its
+``RelativePositionalMultiHeadAttention``: the original's call ``attn(x)`` on (B, windows,
+tokens, C) features (MaxViT partitions the map itself), heads, relative position bias and
+score scale ``1 / sqrt(original C)``, with q/k/v projections of their own widths
+(``gator_hw.masking.masked_relative_attention`` is its reference; both use ``window_attend``).
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ from torch import nn
 
 from gator_hw.errors import GatorError
 
-__all__ = ["SlimAttention", "SlimWindowAttention", "Windows", "attend", "from_windows",
-           "shift_mask", "swin_position_bias", "swin_qkv_bias", "swin_scale", "to_windows",
-           "window_attend"]
+__all__ = ["SlimAttention", "SlimRelativeAttention", "SlimWindowAttention", "Windows", "attend",
+           "from_windows", "maxvit_position_bias", "relative_attend", "shift_mask",
+           "swin_position_bias", "swin_qkv_bias", "swin_scale", "to_windows", "window_attend"]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
@@ -265,6 +272,62 @@ class SlimWindowAttention(nn.Module):
                             dropout=self.attention_dropout, training=self.training)
         out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
         return from_windows(out, grid)
+
+
+# -------------------------------------------------------------------------------------------
+# MaxViT: torchvision's relative positional multi-head attention
+# -------------------------------------------------------------------------------------------
+def maxvit_position_bias(m: nn.Module) -> torch.Tensor:
+    """(1, heads, tokens, tokens): the relative position bias of a MaxViT attention
+    (``RelativePositionalMultiHeadAttention`` or ``SlimRelativeAttention``), by torchvision's
+    own method."""
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    return RelativePositionalMultiHeadAttention.get_relative_positional_bias(m)
+
+
+def relative_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    scale: float, bias: torch.Tensor) -> torch.Tensor:
+    """MaxViT's attention within each window and head: softmax(q k^T * scale + bias) v;
+    (B, windows, tokens, heads * dim) in and out."""
+    b, g, p = q.shape[:3]
+    flat = (t.reshape(b * g, p, -1) for t in (q, k, v))
+    return window_attend(*flat, heads, bias, None, scale=scale).reshape(b, g, p, -1)
+
+
+class SlimRelativeAttention(nn.Module):
+    """torchvision MaxViT's attention with widths of its own: what a pruned
+    ``RelativePositionalMultiHeadAttention`` becomes. Called as the original (``attn(x)`` on
+    (B, windows, tokens, C) features); its packed q/k/v projection writes any number of
+    query/key and of value channels (the same per head); the original's heads, relative position
+    bias and score scale (``1 / sqrt(C)`` of the original width C)."""
+
+    def __init__(self, source: nn.Module, in_idx: torch.Tensor, qk_idx: torch.Tensor,
+                 v_idx: torch.Tensor, out_idx: torch.Tensor) -> None:
+        """``source`` keeping input features ``in_idx``, query/key channels ``qk_idx``, value
+        channels ``v_idx`` (each the same count per head) and output features ``out_idx``."""
+        super().__init__()
+        heads, c = source.n_heads, source.merge.in_features
+        if len(qk_idx) % heads or len(v_idx) % heads:
+            raise GatorError(f"MaxViT attention keeps {len(qk_idx)} query and {len(v_idx)} "
+                             f"value channels, not a multiple of its {heads} heads")
+        self.n_heads, self.scale_factor = heads, source.scale_factor
+        self.max_seq_len = source.max_seq_len
+        self.widths = [len(qk_idx), len(qk_idx), len(v_idx)]  # q, k, v in one projection
+        self.to_qkv = _sliced(source.to_qkv, torch.cat([qk_idx, qk_idx + c, v_idx + 2 * c]),
+                              in_idx)
+        self.merge = _sliced(source.merge, out_idx, v_idx)
+        self.relative_position_bias_table = _copy(source.relative_position_bias_table)
+        self.register_buffer("relative_position_index",
+                             source.relative_position_index.detach().clone())
+        self.train(source.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, windows, tokens, in features) -> (B, windows, tokens, out features)."""
+        q, k, v = self.to_qkv(x).split(self.widths, dim=-1)
+        out = relative_attend(q, k, v, self.n_heads, self.scale_factor,
+                              maxvit_position_bias(self))
+        return self.merge(out)
 
 
 def _copy(p: torch.Tensor) -> nn.Parameter:

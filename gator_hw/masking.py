@@ -7,7 +7,8 @@ a 0/1 mask gives exactly the network with those channels removed (``gator_hw.sli
 gate vector gives the gated network. Two readers mix channels and are recomputed instead: a
 layer norm over channels takes its mean and variance weighted by the vector (over the kept
 channels only, for a mask), and self-attention scales its input features, query channels and
-value channels (``masked_attention``; Swin's window attention: ``masked_window_attention``).
+value channels (``masked_attention``; Swin's window attention: ``masked_window_attention``;
+MaxViT's: ``masked_relative_attention``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch import nn
 from gator_hw.attention import (
     attend,
     from_windows,
+    maxvit_position_bias,
+    relative_attend,
     shift_mask,
     swin_position_bias,
     swin_qkv_bias,
@@ -30,9 +33,11 @@ from gator_hw.attention import (
     window_attend,
 )
 from gator_hw.graph.hypergraph import READ_ROLES, HyperGraph, LayerCall, Seg
+from gator_hw.graph.rules import relative_attentions
 
 __all__ = ["expand_layout", "mask_model", "masked_attention", "masked_layer_norm", "masked_output",
-           "masked_window_attention", "reader_layouts", "scale_inputs"]
+           "masked_relative_attention", "masked_window_attention", "reader_layouts",
+           "scale_inputs"]
 
 
 def reader_layouts(graph: HyperGraph) -> dict[str, tuple[Seg, ...]]:
@@ -175,6 +180,27 @@ def masked_window_attention(m: nn.Module, x: torch.Tensor, s_in: torch.Tensor | 
     return from_windows(out, grid)
 
 
+def masked_relative_attention(m: nn.Module, x: torch.Tensor, s_in: torch.Tensor | None,
+                              s_proj: torch.Tensor | None) -> torch.Tensor:
+    """``m(x)`` for torchvision MaxViT's attention ``m`` (on (B, windows, tokens, C) features)
+    with its input features scaled by ``s_in`` and its query and value channels by ``s_proj``
+    (a (…, 3C) vector over q, k, v; k's part unused, as for ``masked_attention``)."""
+    c = m.merge.in_features
+    q, k, v = F.linear(_scaled(x, s_in), m.to_qkv.weight, m.to_qkv.bias).chunk(3, dim=-1)
+    if s_proj is not None:
+        q, v = _scaled(q, s_proj[..., :c]), _scaled(v, s_proj[..., 2 * c:])
+    out = relative_attend(q, k, v, m.n_heads, m.scale_factor, maxvit_position_bias(m))
+    return F.linear(out, m.merge.weight, m.merge.bias)
+
+
+def _masked_for(m: nn.Module) -> Callable:
+    """The masked reference of a self-attention module of the graph."""
+    if isinstance(m, nn.MultiheadAttention):
+        return masked_attention
+    return masked_relative_attention if isinstance(m, relative_attentions()) else (
+        masked_window_attention)
+
+
 def _mixing_hooks(modules: dict[str, nn.Module], graph: HyperGraph,
                   vectors: Callable[[], Mapping[int, torch.Tensor]]) -> list:
     """Forward hooks that recompute layer norms and self-attention under the vectors."""
@@ -195,8 +221,7 @@ def _mixing_hooks(modules: dict[str, nn.Module], graph: HyperGraph,
         handles.append(modules[name].register_forward_hook(norm_hook))
     for name, call in _touching(graph, "attention").items():
 
-        masked = (masked_attention if isinstance(modules[name], nn.MultiheadAttention)
-                  else masked_window_attention)
+        masked = _masked_for(modules[name])
 
         def attention_hook(m: nn.Module, args: tuple, out, call=call, masked=masked):
             vec = vectors()

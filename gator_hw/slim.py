@@ -5,7 +5,8 @@ along their output and input dimensions, batch-norm affine parameters and runnin
 depthwise convs (``groups`` follows the channel count) and grouped convs (each group keeps the
 same number of channels, so ``groups`` is unchanged), layer norms, parameters lined up with
 channels (layer scale, class token, position embedding), and self-attention, which becomes a
-``SlimAttention`` (Swin's window attention: a ``SlimWindowAttention``). Sizes the model stores
+``SlimAttention`` (Swin's window attention: a ``SlimWindowAttention``; MaxViT's: a
+``SlimRelativeAttention``). Sizes the model stores
 for its forward follow (torchvision ViT's ``hidden_dim``; the channel counts written into a
 traced model's reshapes). The result equals the original model with the removed channels
 zeroed where they are read (see ``gator_hw.masking``).
@@ -19,10 +20,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from gator_hw.attention import SlimAttention, SlimWindowAttention
+from gator_hw.attention import SlimAttention, SlimRelativeAttention, SlimWindowAttention
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import HyperGraph, LayerCall, Plan, Seg
-from gator_hw.graph.rules import window_attentions
+from gator_hw.graph.rules import relative_attentions, window_attentions
 
 __all__ = ["layout_index", "slim"]
 
@@ -106,8 +107,8 @@ def _slice_param(model: nn.Module, call: LayerCall, idx: torch.Tensor) -> None:
 
 def _slim_attention(model: nn.Module, m: nn.Module, call: LayerCall, out_call: LayerCall,
                     keep: Mapping[int, Sequence[int]]) -> None:
-    """Replace the self-attention ``m`` (``nn.MultiheadAttention`` or Swin's window attention)
-    with its slim twin keeping the channels of ``keep``."""
+    """Replace the self-attention ``m`` (``nn.MultiheadAttention``, Swin's window attention or
+    MaxViT's attention) with its slim twin keeping the channels of ``keep``."""
     e = sum(s.width for s in call.out_layout) // 3  # the projection writes q, k, v
     rows = layout_index(call.out_layout, keep)
     idx = (layout_index(call.in_layout, keep), rows[rows < e], rows[rows >= 2 * e] - 2 * e,
@@ -116,6 +117,8 @@ def _slim_attention(model: nn.Module, m: nn.Module, call: LayerCall, out_call: L
         new = SlimAttention.from_mha(m, *idx)
     elif isinstance(m, window_attentions()):
         new = SlimWindowAttention(m, *idx)
+    elif isinstance(m, relative_attentions()):
+        new = SlimRelativeAttention(m, *idx)
     else:
         raise GatorError(f"layer {call.module} is not the self-attention its graph recorded; "
                          "the model does not match the graph it was traced as")

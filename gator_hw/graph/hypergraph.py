@@ -108,12 +108,12 @@ class LayerCall:
 
     ``kind`` is ``conv``, ``linear``, ``norm`` (batch or layer norm), ``param`` (a parameter
     lined up with channels), or ``attention`` / ``attention_core`` / ``attention_out`` (the
-    packed projection, the matmuls and the output projection of a ``MultiheadAttention`` or
-    of Swin's window attention; ``module`` of the latter two: ``NAME.core``, and ``out_proj``
-    or ``proj``). ``spatial_in`` / ``spatial_out`` are the positions per sample that each
-    channel covers (H*W for conv; tokens for linear; for ``attention_core`` the queries and
-    the keys each query attends to), and ``kernel`` the kernel area. ``depthwise`` convs
-    have ``groups`` equal to their channels.
+    packed projection, the matmuls and the output projection of a ``MultiheadAttention``, of
+    Swin's window attention or of MaxViT's attention; ``module`` of the latter two:
+    ``NAME.core``, and ``out_proj``, ``proj`` or ``merge``). ``spatial_in`` / ``spatial_out``
+    are the positions per sample that each channel covers (H*W for conv; tokens for linear;
+    for ``attention_core`` the queries and the keys each query attends to), and ``kernel`` the
+    kernel area. ``depthwise`` convs have ``groups`` equal to their channels.
     """
 
     module: str

@@ -31,7 +31,7 @@ __all__ = [
     "CHANNELS_LAST_RULES", "CONST_RULES", "TUPLE_RULES",
     "Builder", "Call", "Const", "LastDim", "Layout", "Run", "ShapeOf", "Space", "TupleOf",
     "channel_rule", "known_leaves", "layer_norms_2d", "layer_norms_last", "read_shape",
-    "rule_for", "window_attentions",
+    "relative_attentions", "rule_for", "window_attentions", "window_partitions",
 ]
 
 
@@ -602,9 +602,14 @@ def _permutation(call: Call) -> tuple[int, ...] | None:
     return tuple(d % len(dims) for d in dims)
 
 
+#: ops that swap two dims (``swapaxes`` names them axis0 / axis1)
+_SWAPS = (torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
+
+
 def _swap(call: Call, rank: int) -> tuple[int, ...] | None:
-    """``transpose(a, b)`` as a permutation of ``rank`` dims."""
-    a, c = call.arg(1, "dim0"), call.arg(2, "dim1")
+    """``transpose(a, b)`` (``swapaxes``, ``swapdims``) as a permutation of ``rank`` dims."""
+    a = call.arg(1, "dim0", call.kwargs.get("axis0"))
+    c = call.arg(2, "dim1", call.kwargs.get("axis1"))
     if not isinstance(a, int) or not isinstance(c, int):
         return None
     dims = list(range(rank))
@@ -612,12 +617,14 @@ def _swap(call: Call, rank: int) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-@channel_rule(torch.permute, "method:permute", torch.transpose, "method:transpose")
+@channel_rule(torch.permute, "method:permute", torch.transpose, "method:transpose",
+              torch.swapaxes, "method:swapaxes", torch.swapdims, "method:swapdims")
 def _permute(b: Builder, call: Call) -> Layout | None:
     """Channels-first <-> channels-last (ConvNeXt's blocks, a ViT's patch tokens): the channel
-    dim moves to the last place or back to dim 1; the batch stays first."""
+    dim moves to the last place or back to dim 1; the batch stays first. Positions may swap
+    among themselves (MaxViT's grid attention swaps its windows and their tokens)."""
     x, shape = call.in_layouts[0], call.in_shapes[0]
-    swap = call.target in (torch.transpose, "transpose")
+    swap = call.target in _SWAPS
     dims = (_swap(call, len(shape)) if shape is not None else None) if swap else _permutation(call)
     if x is None or shape is None or dims is None or len(dims) != len(shape) or dims[0] != 0:
         return b.unknown(call)
@@ -863,8 +870,10 @@ def known_leaves() -> tuple[type, ...]:
     """Layers traced as one call whose forward gator-hw knows: the layer norms above, timm's
     ``Conv2dSame`` (a conv after padding computed from the input's size, which torch.fx cannot
     trace; per channel it is its conv) and timm's ``Linear`` (``nn.Linear``'s forward through
-    ``F.linear``), and torchvision's Swin window attention (``window_attentions``)."""
+    ``F.linear``), torchvision's Swin window attention (``window_attentions``), and MaxViT's
+    attention and window (de)partitions (``relative_attentions``, ``window_partitions``)."""
     return (*layer_norms_2d(), *layer_norms_last(), *window_attentions(),
+            *relative_attentions(), *window_partitions(),
             *_classes("timm.layers:Conv2dSame", "timm.layers:Linear"))
 
 
@@ -1028,9 +1037,69 @@ def _register_swin() -> None:
 _register_swin()
 
 
+def relative_attentions() -> tuple[type, ...]:
+    """torchvision MaxViT's attention (``RelativePositionalMultiHeadAttention``): traced as a
+    leaf and pruned as self-attention."""
+    return _classes("torchvision.models.maxvit:RelativePositionalMultiHeadAttention")
+
+
+def window_partitions() -> tuple[type, ...]:
+    """torchvision MaxViT's ``WindowPartition`` and ``WindowDepartition``: each reads its
+    channel count from its input (``B, C, H, W = x.shape``), so, traced as leaves, they
+    follow any width."""
+    return _classes("torchvision.models.maxvit:WindowPartition",
+                    "torchvision.models.maxvit:WindowDepartition")
+
+
+def _relative_attention(b: Builder, call: Call) -> Layout | None:
+    """torchvision MaxViT's attention on (B, windows, tokens, C) features (its block and grid
+    attention alike): the features it reads and writes, and the query/key and value channels of
+    its heads, each kept evenly over the heads (the relative position bias, the head count and
+    the score scale ``1 / sqrt(C)`` of the full width stay). Each query attends to the tokens of
+    its window."""
+    x, shape, m = call.in_layouts[0], call.in_shapes[0], call.module
+    if not _channels_last(x) or shape is None or len(shape) != 4:
+        return b.unknown(call, f"{call.name} reads features no channel rule follows")
+    return _attention_edges(b, call, m.merge.out_features, m.n_heads, f"{call.name}.merge",
+                            tokens=shape[1] * shape[2], keys=shape[2],
+                            bias=(m.to_qkv.bias is not None, m.merge.bias is not None))
+
+
+def _window_partition(b: Builder, call: Call) -> Layout | None:
+    """MaxViT's ``WindowPartition``: (B, C, H, W) -> (B, windows, tokens, C), the channels
+    moved last."""
+    x = call.in_layouts[0]
+    if x is None or isinstance(x, LastDim) or any(r.repeat != 1 for r in x):
+        return b.unknown(call, f"{call.name} partitions features no channel rule follows")
+    return LastDim(x)
+
+
+def _window_departition(b: Builder, call: Call) -> Layout | None:
+    """MaxViT's ``WindowDepartition``: (B, windows, tokens, C) -> (B, C, H, W), the channels
+    moved back to dim 1."""
+    x = call.in_layouts[0]
+    if not _channels_last(x):
+        return b.unknown(call, f"{call.name} departitions features no channel rule follows")
+    return tuple(x)
+
+
+def _register_maxvit() -> None:
+    """The rules of torchvision's MaxViT: its attention and its window (de)partitions."""
+    part = "torchvision.models.maxvit:Window"
+    for classes, rule in ((relative_attentions(), _relative_attention),
+                          (_classes(f"{part}Partition"), _window_partition),
+                          (_classes(f"{part}Departition"), _window_departition)):
+        if classes:
+            channel_rule(*classes)(rule)
+
+
+_register_maxvit()
+
+
 #: the rules that accept a channels-last (``LastDim``) input; any other op freezes it
 CHANNELS_LAST_RULES = (_linear, _per_channel, _getattr_like, _reshape, _permute, _elementwise,
-                       _cat, _getitem, _layer_norm, _attention, _window_attention, _patch_merging)
+                       _cat, _getitem, _layer_norm, _attention, _window_attention, _patch_merging,
+                       _relative_attention, _window_partition, _window_departition)
 
 #: the rules that know ``Const`` inputs; any other rule gets them as frozen constants
 CONST_RULES = (_expand, _reshape, _elementwise, _cat, _functional_batch_norm)
