@@ -50,12 +50,13 @@ def padded_width(n: torch.Tensor, m: int) -> torch.Tensor:
     return n + (torch.ceil(n / m) * m - n).detach()
 
 
-def _padded_excess_t(call: LayerCall, n_in: torch.Tensor, n_out: torch.Tensor,
-                     m: int) -> torch.Tensor:
+def _excess(n_in: torch.Tensor, n_out: torch.Tensor, depthwise: torch.Tensor,
+            m: int) -> torch.Tensor:
+    """:func:`padded_excess` of many calls at once (``depthwise`` a bool mask of the calls)."""
     n_in, n_out = n_in.clamp(min=1.0), n_out.clamp(min=1.0)
-    if call.kind == "conv" and call.depthwise:
-        return padded_width(n_out, m) / n_out - 1.0
-    return padded_width(n_in, m) * padded_width(n_out, m) / (n_in * n_out) - 1.0
+    pad_out = padded_width(n_out, m)
+    dense = padded_width(n_in, m) * pad_out / (n_in * n_out)
+    return torch.where(depthwise, pad_out / n_out, dense) - 1.0
 
 
 def padded_excess(call: LayerCall, n_in, n_out, m: int):
@@ -64,20 +65,12 @@ def padded_excess(call: LayerCall, n_in, n_out, m: int):
     Dense convs and linears scale with in x out channels, depthwise convs with their channels.
     Takes and returns numpy arrays or torch tensors.
     """
+    depthwise = torch.tensor(call.kind == "conv" and call.depthwise)
     if isinstance(n_in, torch.Tensor):
-        return _padded_excess_t(call, n_in, n_out, m)
-    t = _padded_excess_t(call, torch.as_tensor(np.asarray(n_in, dtype=float)),
-                         torch.as_tensor(np.asarray(n_out, dtype=float)), m)
+        return _excess(n_in, n_out, depthwise, m)
+    t = _excess(torch.as_tensor(np.asarray(n_in, dtype=float)),
+                torch.as_tensor(np.asarray(n_out, dtype=float)), depthwise, m)
     return t.numpy()
-
-
-def _excess(n_in: torch.Tensor, n_out: torch.Tensor, depthwise: torch.Tensor,
-            m: int) -> torch.Tensor:
-    """:func:`padded_excess` of many calls at once (``depthwise`` a bool mask of the calls)."""
-    n_in, n_out = n_in.clamp(min=1.0), n_out.clamp(min=1.0)
-    pad_out = padded_width(n_out, m)
-    dense = padded_width(n_in, m) * pad_out / (n_in * n_out)
-    return torch.where(depthwise, pad_out / n_out, dense) - 1.0
 
 
 def _bilinear(coef: torch.Tensor, n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
