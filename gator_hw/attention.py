@@ -240,15 +240,11 @@ class SlimWindowAttention(nn.Module):
         """``source`` keeping input features ``in_idx``, query/key channels ``qk_idx``, value
         channels ``v_idx`` (each the same count per head) and output features ``out_idx``."""
         super().__init__()
-        heads, c = source.num_heads, source.proj.in_features
-        if len(qk_idx) % heads or len(v_idx) % heads:
-            raise GatorError(f"window attention keeps {len(qk_idx)} query and {len(v_idx)} "
-                             f"value channels, not a multiple of its {heads} heads")
-        self.num_heads, self.scale = heads, swin_scale(source)
+        self.num_heads, self.scale = source.num_heads, swin_scale(source)
         self.window_size, self.shift_size = list(source.window_size), list(source.shift_size)
         self.attention_dropout, self.dropout = source.attention_dropout, source.dropout
-        self.widths = [len(qk_idx), len(qk_idx), len(v_idx)]  # q, k, v in one projection
-        self.qkv = _sliced(source.qkv, torch.cat([qk_idx, qk_idx + c, v_idx + 2 * c]), in_idx)
+        self.widths, self.qkv = _packed_qkv(source.qkv, source.num_heads, in_idx, qk_idx, v_idx,
+                                            "window attention")
         self.proj = _sliced(source.proj, out_idx, v_idx)
         self.register_buffer("relative_position_index",
                              source.relative_position_index.detach().clone())
@@ -307,15 +303,10 @@ class SlimRelativeAttention(nn.Module):
         """``source`` keeping input features ``in_idx``, query/key channels ``qk_idx``, value
         channels ``v_idx`` (each the same count per head) and output features ``out_idx``."""
         super().__init__()
-        heads, c = source.n_heads, source.merge.in_features
-        if len(qk_idx) % heads or len(v_idx) % heads:
-            raise GatorError(f"MaxViT attention keeps {len(qk_idx)} query and {len(v_idx)} "
-                             f"value channels, not a multiple of its {heads} heads")
-        self.n_heads, self.scale_factor = heads, source.scale_factor
+        self.n_heads, self.scale_factor = source.n_heads, source.scale_factor
         self.max_seq_len = source.max_seq_len
-        self.widths = [len(qk_idx), len(qk_idx), len(v_idx)]  # q, k, v in one projection
-        self.to_qkv = _sliced(source.to_qkv, torch.cat([qk_idx, qk_idx + c, v_idx + 2 * c]),
-                              in_idx)
+        self.widths, self.to_qkv = _packed_qkv(source.to_qkv, source.n_heads, in_idx, qk_idx,
+                                               v_idx, "MaxViT attention")
         self.merge = _sliced(source.merge, out_idx, v_idx)
         self.relative_position_bias_table = _copy(source.relative_position_bias_table)
         self.register_buffer("relative_position_index",
@@ -332,6 +323,19 @@ class SlimRelativeAttention(nn.Module):
 
 def _copy(p: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+def _packed_qkv(qkv: nn.Linear, heads: int, in_idx: torch.Tensor, qk_idx: torch.Tensor,
+                v_idx: torch.Tensor, what: str) -> tuple[list[int], nn.Linear]:
+    """A packed q/k/v projection (rows q, k, v of one width each) keeping input features
+    ``in_idx``, query/key channels ``qk_idx`` and value channels ``v_idx`` (the same count per
+    head), and the widths of its q, k and v parts."""
+    if len(qk_idx) % heads or len(v_idx) % heads:
+        raise GatorError(f"{what} keeps {len(qk_idx)} query and {len(v_idx)} value channels, "
+                         f"not a multiple of its {heads} heads")
+    c = qkv.out_features // 3
+    rows = torch.cat([qk_idx, qk_idx + c, v_idx + 2 * c])
+    return [len(qk_idx), len(qk_idx), len(v_idx)], _sliced(qkv, rows, in_idx)
 
 
 def _sliced(m: nn.Linear, rows: torch.Tensor, cols: torch.Tensor) -> nn.Linear:
