@@ -398,6 +398,16 @@ class GateSet(nn.Module):
         self._handles = []
         self.last_gates = {}
 
+    @torch.no_grad()
+    def gated_output(self, model: nn.Module, graph: HyperGraph, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` with these gates attached for this call only, deterministic (eval);
+        the model's own mode is left as it is. The reference a converted model must equal."""
+        self.eval().attach(model, graph)
+        try:
+            return model(x)
+        finally:
+            self.detach()
+
     def __str__(self) -> str:
         kept = self.kept_channels()
         return (

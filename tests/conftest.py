@@ -48,3 +48,33 @@ def one_line_error(excinfo: pytest.ExceptionInfo, *words: str) -> str:
 
 
 
+
+
+def train_gates_then_convert(model: torch.nn.Module, graph, *, steps: int, batch: int,
+                             classes: int = 5):
+    """Train float64 gates attached to ``model`` for ``steps`` SGD steps on random data (every
+    edge's logits must get a gradient), then give each channel a random logit around 0.5 (some
+    close) and convert. Returns the detached gates and the converted model; ``model`` is left
+    in eval mode, so ``gates.gated_output(model, graph, x)`` is what the conversion must equal."""
+    from gator_hw.convert import convert
+    from gator_hw.gates import GateSet
+
+    model.train()
+    gates = GateSet.from_graph(graph, init_prob=0.6).to(torch.float64)
+    gates.attach(model, graph)
+    opt = torch.optim.SGD([*model.parameters(), *gates.parameters()], lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn((batch, *graph.input_shape[1:]), generator=gen, dtype=torch.float64)
+        loss = torch.nn.functional.cross_entropy(
+            model(x), torch.randint(0, classes, (batch,), generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in gates.logits)
+        opt.step()
+    gates.detach()
+    with torch.no_grad():
+        for t in gates.logits:  # close some channels of every edge, evenly per head
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) + 0.5)
+    gates.update_masks()
+    return gates, convert(model.eval(), graph, gates.kept_indices())

@@ -25,11 +25,11 @@ from torchvision.models.swin_transformer import (
 from gator_hw.accounting import flop_counter_flops, network_cost
 from gator_hw.attention import SlimWindowAttention
 from gator_hw.convert import convert
-from gator_hw.gates import GateSet
 from gator_hw.graph import HyperGraph, build_hypergraph
 from gator_hw.masking import masked_output, masked_window_attention
 from gator_hw.slim import slim
 from gator_hw.soundness import half_plan, random_plan, randomize_weights
+from tests.conftest import train_gates_then_convert
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: threads only contend
 
@@ -255,34 +255,12 @@ def test_an_emptied_mlp_folds_into_a_constant(v2: bool) -> None:
 @pytest.mark.parametrize("v2", [False, True])
 def test_gates_trained_on_a_swin_convert_to_the_gated_model(v2: bool) -> None:
     m, g = tiny_swin(v2)
-    m.train()
-    gates = GateSet.from_graph(g, init_prob=0.6).to(torch.float64)
-    gates.attach(m, g)
-    opt = torch.optim.SGD([*m.parameters(), *gates.parameters()], lr=0.05)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        x = torch.randn((4, *SHAPE[1:]), generator=gen, dtype=torch.float64)
-        loss = F.cross_entropy(m(x), torch.randint(0, 5, (4,), generator=gen))
-        opt.zero_grad()
-        loss.backward()
-        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in gates.logits)
-        opt.step()
-    gates.detach()
-    with torch.no_grad():
-        for t in gates.logits:  # close some channels of every edge, evenly per head
-            t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) + 0.5)
-    gates.update_masks()
-    keep = gates.kept_indices()
-    small = convert(m.eval(), g, keep)
+    gates, small = train_gates_then_convert(m, g, steps=3, batch=4)
     x = _x(3)
-    gates.eval().attach(m, g)
-    try:
-        with torch.no_grad():
-            ref = m(x)
-    finally:
-        gates.detach()
+    ref = gates.gated_output(m, g, x)
     with torch.no_grad():
         assert _rel(small(x), ref) <= 1e-12
+    keep = gates.kept_indices()
     assert sum(map(len, keep.values())) < sum(e.channels for e in g.edges)
 
 

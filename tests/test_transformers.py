@@ -17,11 +17,11 @@ from torchvision.models.convnext import CNBlockConfig
 from gator_hw.accounting import flop_counter_flops, network_cost
 from gator_hw.attention import SlimAttention
 from gator_hw.convert import convert
-from gator_hw.gates import GateSet
 from gator_hw.graph import build_hypergraph
 from gator_hw.masking import masked_attention, masked_layer_norm, masked_output
 from gator_hw.slim import slim
 from gator_hw.soundness import half_plan, random_plan, randomize_weights
+from tests.conftest import train_gates_then_convert
 
 SHAPE = (1, 3, 32, 32)
 
@@ -200,36 +200,14 @@ def test_emptied_mlp_folds_and_traced_reshapes_follow_the_stream() -> None:
 
 
 def test_gates_trained_on_a_vit_convert_to_the_gated_model() -> None:
-    m = tiny_vit().train()
+    m = tiny_vit()
     g = build_hypergraph(m, SHAPE)
-    gates = GateSet.from_graph(g, init_prob=0.6).to(torch.float64)
-    gates.attach(m, g)
-    opt = torch.optim.SGD([*m.parameters(), *gates.parameters()], lr=0.05)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        x = torch.randn((8, *SHAPE[1:]), generator=gen, dtype=torch.float64)
-        loss = F.cross_entropy(m(x), torch.randint(0, 5, (8,), generator=gen))
-        opt.zero_grad()
-        loss.backward()
-        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in gates.logits)
-        opt.step()
-    gates.detach()
-    with torch.no_grad():
-        for t in gates.logits:  # close some channels of every edge, evenly per head
-            t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) + 0.5)
-    gates.update_masks()
-    keep = gates.kept_indices()
-    m.eval()
-    small = convert(m, g, keep)
+    gates, small = train_gates_then_convert(m, g, steps=4, batch=8)
     x = _x(3)
-    gates.eval().attach(m, g)
-    try:
-        with torch.no_grad():
-            ref = m(x)
-    finally:
-        gates.detach()
+    ref = gates.gated_output(m, g, x)
     with torch.no_grad():
         assert torch.allclose(small(x), ref, atol=1e-10 * float(ref.abs().max()))
+    keep = gates.kept_indices()
     assert sum(map(len, keep.values())) < sum(e.channels for e in g.edges)
 
 
