@@ -139,6 +139,30 @@ def test_resume_keeps_runtimes_apart(tiny, tmp_path):
     assert again.calls == []  # every cell reused
 
 
+def test_resume_keeps_runtime_builds_and_options_apart(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "o.csv"
+    req = ProfileRequest.create(tiny, device="cpu", batch=2, input_size=16, rounds=1,
+                                repeats=3, threads=1, backend="onnxruntime")
+    run(req, out, progress=False, measure=FakeMeasure())
+    again = FakeMeasure()
+    run(req, out, progress=False, measure=again)
+    assert again.calls == []  # same runtime, same options: every cell reused
+    monkeypatch.setattr(ort_mod, "ORT_OPT_LEVEL", "ORT_ENABLE_BASIC")
+    with pytest.raises(GatorError, match="other settings.*runtime.*ORT_ENABLE_BASIC"):
+        run(req, out, progress=False, measure=FakeMeasure())
+    monkeypatch.undo()
+    cells = cells_path(out)
+    doc = json.loads(cells.read_text())
+    doc["protocol"]["runtime"]["onnxruntime"] = "0.0.1"  # timed under another ORT build
+    cells.write_text(json.dumps(doc))
+    with pytest.raises(GatorError, match="other settings.*runtime.*0.0.1"):
+        run(req, out, progress=False, measure=FakeMeasure())
+    doc["protocol"].pop("runtime")  # from before the runtime was recorded: unknown, refused
+    cells.write_text(json.dumps(doc))
+    with pytest.raises(GatorError, match="other settings.*runtime None"):
+        run(req, out, progress=False, measure=FakeMeasure())
+
+
 def test_calibration_times_in_the_tables_runtime():
     ctx = {"model": "resnet18", "batch": 8, "input_size": 64, "threads": 1,
            "device_name": make_spec("m", device="cpu", batch=1, input_size=8).device_name}

@@ -47,6 +47,7 @@ from gator_hw.atomic import write_json
 from gator_hw.errors import GatorError
 from gator_hw.models import default_input_size
 from gator_hw.network import Network, load_network
+from gator_hw.profile.backends import backend_info
 from gator_hw.profile.device import gpu_state
 from gator_hw.profile.spec import TimingOptions
 from gator_hw.profile.tables import (
@@ -91,7 +92,7 @@ Measure = Callable[..., LatencyResult]
 _CELLS_FORMAT = "gator-hw-profile-cells"
 
 #: Protocol fields added after cells files were first written: their value then.
-_PROTOCOL_DEFAULTS = {"backend": "torch"}
+_PROTOCOL_DEFAULTS = {"backend": "torch", "runtime": None}
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,10 @@ class _Store:
 
     def __init__(self, path: Path, spec: TimingSpec, num_classes: int) -> None:
         self.path = path
-        self.protocol = {**spec.key(), "num_classes": num_classes}
+        # the runtime's version and session / builder settings too: a resumed ORT or TensorRT
+        # profile never pairs cells timed under another runtime build or option set
+        self.protocol = {**spec.key(), "num_classes": num_classes,
+                         "runtime": backend_info(spec)}
         self.cells: dict[tuple[int, str], Cell] = {}
         self.checks: dict = {}
         if path.exists():
