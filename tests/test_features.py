@@ -8,11 +8,21 @@ every kind of call: plain, depthwise and grouped convs, concatenations, attentio
 
 from __future__ import annotations
 
+import platform
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
 from gator_hw.accounting import layer_cost, network_cost
-from gator_hw.costmodel.features import ALIGNMENTS, FeatureMap, padded_excess
+from gator_hw.costmodel.features import (
+    ALIGNMENTS,
+    ORT_CHANNEL_ALIGN,
+    ORT_NCHW_INPUT_MAX,
+    FeatureMap,
+    padded_excess,
+)
 from gator_hw.graph import build_hypergraph
 from tests.conftest import cached_network
 from tests.test_transformers import tiny_vit
@@ -26,6 +36,7 @@ def reference_layer_features(fm: FeatureMap, w: torch.Tensor) -> torch.Tensor:
     cols: list[torch.Tensor] = []
     mis = {8: zero, 32: zero}
     pad = dict.fromkeys(ALIGNMENTS, zero)
+    ort_flops, ort_mb = zero, zero
     for c in fm.graph.calls:
         if c.kind in ("norm", "param"):
             continue
@@ -40,8 +51,15 @@ def reference_layer_features(fm: FeatureMap, w: torch.Tensor) -> torch.Tensor:
             mis[m] = mis[m] + f * off
         for m in pad:
             pad[m] = pad[m] + f * padded_excess(c, n_in, n_out, m)
+        whole = n_in.detach().round()
+        unblocked = (c.kind == "conv" and c.groups == 1) & (whole > ORT_NCHW_INPUT_MAX) & (
+            torch.remainder(whole, ORT_CHANNEL_ALIGN) != 0)
+        ort_flops = ort_flops + f * unblocked
+        ort_mb = ort_mb + cost.bytes / 1e6 * unblocked
     total = network_cost(fm.graph, wd, batch=fm.batch, bytes_per_element=fm.bytes_per_element)
     cols += [zero + total.bytes / 1e6, mis[8], mis[32], *pad.values()]
+    if fm.backend == "onnxruntime":
+        cols += [ort_flops, ort_mb]
     return torch.stack(cols, dim=1)
 
 
@@ -70,9 +88,12 @@ def _graphs():
 
 @pytest.mark.parametrize(("name", "graph"), list(_graphs()), ids=lambda v: v
                          if isinstance(v, str) else "")
-@pytest.mark.parametrize(("batch", "dtype"), [(1, "float32"), (3, "bfloat16")])
-def test_layer_features_equal_the_call_by_call_accounting(name, graph, batch, dtype) -> None:
-    fm = FeatureMap(graph, batch, dtype)
+@pytest.mark.parametrize(("batch", "dtype", "backend"),
+                         [(1, "float32", "torch"), (3, "bfloat16", "torch"),
+                          (2, "float32", "onnxruntime")])
+def test_layer_features_equal_the_call_by_call_accounting(name, graph, batch, dtype,
+                                                          backend) -> None:
+    fm = FeatureMap(graph, batch, dtype, backend)
     gen = torch.Generator().manual_seed(len(name) + batch)
     full = torch.tensor([float(e.channels) for e in graph.edges], dtype=torch.float64)
     rows = [full, torch.ones_like(full), (full * 0.5).round()]
@@ -109,3 +130,45 @@ def test_layer_features_run_on_another_device_copy_of_the_forms() -> None:
     assert fm._forms(meta) is fm._forms(meta) and fm._forms(meta).in_map.device == meta
     if torch.cuda.is_available():
         torch.testing.assert_close(fm.layer_torch(w.cuda()).cpu(), first, rtol=1e-12, atol=0)
+
+
+def test_onnxruntime_adds_the_unblocked_conv_features_only_to_its_own_tables() -> None:
+    graph = cached_network("resnet18", 32).graph
+    torch_names = FeatureMap(graph).layer_names()
+    ort = FeatureMap(graph, backend="onnxruntime")
+    assert ort.layer_names() == [*torch_names, "flops_ort_nchw", "mbytes_ort_nchw"]
+    full = torch.tensor([[float(e.channels) for e in graph.edges]], dtype=torch.float64)
+    assert ort.layer_torch(full)[0, -2:].tolist() == [0.0, 0.0]  # 64..512: all blocked
+    odd = full.clone()
+    odd[0, 3] = 101.0  # layer2.0.conv1's output: layer2.0.conv2 reads 101 channels
+    got = ort.layer_torch(odd)[0]
+    conv2 = torch.tensor([n == "gflops:layer2.0.conv2" for n in ort.layer_names()])
+    assert got[-2] == got[conv2].sum() > 0  # that conv alone, all of its FLOPs
+
+
+def _ort_blocks(c_in: int) -> bool:
+    """Whether ONNX Runtime's optimiser runs a 3x3 conv reading ``c_in`` channels in NCHWc."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from gator_hw.profile.ort import onnx_bytes
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(c_in, 32, 3, padding=1), torch.nn.ReLU()).eval()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(onnx_bytes(conv, torch.randn(1, c_in, 8, 8)), opts,
+                             providers=["CPUExecutionProvider"])
+        ops = {(n.domain, n.op_type) for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    return ("com.microsoft.nchwc", "Conv") in ops
+
+
+@pytest.mark.parametrize("c_in", [3, 16, 17, 18, 20, 22, 24, 62, 64, 101, 104])
+def test_the_unblocked_conv_rule_is_onnxruntimes_own(c_in) -> None:
+    """The feature's rule against the installed ONNX Runtime's graph optimiser (x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the NCHWc rule was read off x86-64 builds")
+    want = c_in <= ORT_NCHW_INPUT_MAX or c_in % ORT_CHANNEL_ALIGN == 0
+    assert _ort_blocks(c_in) == want

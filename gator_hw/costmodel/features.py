@@ -8,6 +8,10 @@ Two views of the same network:
   up to a multiple of 8 / 16 / 32 / 64 would add (the latency staircase: kernels compute whole
   channel blocks, e.g. 16 for AVX-512 oneDNN convs). A linear model on them is a per-layer
   latency model that generalises to any combination of widths.
+* for tables timed in ONNX Runtime, also the FLOPs and bytes of the dense convs that its CPU
+  provider cannot run in its blocked NCHWc layout (input channels above
+  :data:`ORT_NCHW_INPUT_MAX` and not a multiple of :data:`ORT_CHANNEL_ALIGN`): those run in plain
+  NCHW at several times the time per FLOP, a cliff the other features only blur.
 * ``edge`` features: totals (FLOPs, params, bytes, arithmetic intensity), and per edge its
   relative width and its alignment (width mod 8, 16, 32, 64 == 0), for tree ensembles.
 
@@ -39,9 +43,19 @@ import torch
 from gator_hw.accounting import call_cost, network_cost
 from gator_hw.graph.hypergraph import HyperGraph, LayerCall
 
-__all__ = ["ALIGNMENTS", "FeatureMap", "padded_excess", "padded_width"]
+__all__ = ["ALIGNMENTS", "ORT_CHANNEL_ALIGN", "ORT_NCHW_INPUT_MAX", "FeatureMap", "padded_excess",
+           "padded_width"]
 
 ALIGNMENTS = (8, 16, 32, 64)
+
+#: ONNX Runtime's CPU provider (MLAS) runs a dense conv in its blocked NCHWc layout only when
+#: the conv's input channels are at most ``ORT_NCHW_INPUT_MAX`` or a multiple of
+#: ``ORT_CHANNEL_ALIGN``; any other conv runs in plain NCHW (``FusedConv``: im2col + GEMM, with
+#: layout reorders around it), about 2.8x the time per FLOP. Read off ORT 1.32's optimised
+#: graphs on x86-64 (AVX-512): inputs 3-16, 20, 24, 36, 44, 52, 100, 104, 184, 368, 404 blocked;
+#: 17, 18, 22, 25, 29, 62, 102, 194, 406, 425, 503 not (``docs/results/ort_amd_rerun``).
+ORT_NCHW_INPUT_MAX = 16
+ORT_CHANNEL_ALIGN = 4
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -97,6 +111,7 @@ class _CallForms:
     net_bytes: torch.Tensor
     feature: torch.Tensor  # bool (C,): calls with features of their own (not norm / param)
     depthwise: torch.Tensor  # bool (C,)
+    dense_conv: torch.Tensor  # bool (C,): convs with one group
     fixed_flops: float
 
     @classmethod
@@ -129,6 +144,7 @@ class _CallForms:
                    coefs["bytes"], coefs["net_bytes"],
                    torch.tensor([c.kind not in ("norm", "param") for c in calls]),
                    torch.tensor([c.kind == "conv" and c.depthwise for c in calls]),
+                   torch.tensor([c.kind == "conv" and c.groups == 1 for c in calls]),
                    float(graph.fixed_flops * batch))
 
     def to(self, device: torch.device) -> _CallForms:
@@ -148,6 +164,7 @@ class FeatureMap:
     graph: HyperGraph
     batch: int = 1
     dtype: str = "float32"
+    backend: str = "torch"  # the runtime the tables were timed in (adds its own features)
     _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -176,15 +193,16 @@ class FeatureMap:
 
     def layer_names(self) -> list[str]:
         names = [f"{k}:{c.module}" for c in self._calls() for k in ("gflops", "mbytes")]
-        return names + ["mbytes", "flops_mis8", "flops_mis32"] + [
-            f"flops_pad{m}" for m in ALIGNMENTS
-        ]
+        names += ["mbytes", "flops_mis8", "flops_mis32"] + [f"flops_pad{m}" for m in ALIGNMENTS]
+        if self.backend == "onnxruntime":
+            names += ["flops_ort_nchw", "mbytes_ort_nchw"]
+        return names
 
     def layer_torch(self, widths: torch.Tensor) -> torch.Tensor:
         """The layer features of each row of ``widths`` (float64, differentiable), (n, F).
 
         Column order is :meth:`layer_names`: per-layer GFLOPs and MB, total MB, misaligned and
-        padding GFLOPs.
+        padding GFLOPs (then, for ONNX Runtime, the GFLOPs and MB of its unblocked convs).
         """
         w = torch.atleast_2d(widths.to(torch.float64))
         f = self._forms(w.device)
@@ -199,7 +217,12 @@ class FeatureMap:
                           | (torch.remainder(whole_out, m) != 0))).sum(1) for m in (8, 32)]
         depthwise = f.depthwise[f.feature]
         pad = [(gflops * _excess(n_in, n_out, depthwise, m)).sum(1) for m in ALIGNMENTS]
-        return torch.cat([per_call, torch.stack([net_mb, *mis, *pad], dim=1)], dim=1)
+        extra = []
+        if self.backend == "onnxruntime":
+            unblocked = f.dense_conv[f.feature] & (whole_in > ORT_NCHW_INPUT_MAX) & (
+                torch.remainder(whole_in, ORT_CHANNEL_ALIGN) != 0)
+            extra = [(gflops * unblocked).sum(1), (mbytes * unblocked).sum(1)]
+        return torch.cat([per_call, torch.stack([net_mb, *mis, *pad, *extra], dim=1)], dim=1)
 
     def layer(self, widths: np.ndarray) -> np.ndarray:
         """Per-layer GFLOPs and MB, total MB, misaligned and padding GFLOPs; a row per width."""

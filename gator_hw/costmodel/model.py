@@ -228,7 +228,7 @@ def fit_cost_model(
             f"only {len(fit)} measured networks to fit; the cost model needs at least "
             f"{MIN_SAMPLES}: profile more widths (--widths 0.25,0.5,0.75) or --random-nets"
         )
-    fmap = FeatureMap(graph, samples.batch, samples.dtype)
+    fmap = FeatureMap(graph, samples.batch, samples.dtype, _backend(samples.context))
     names = list(CANDIDATES) if method == "auto" else [method]
     groups = fit.groups
     n_splits = min(5, len(set(groups)))
@@ -252,12 +252,19 @@ def fit_cost_model(
     )
 
 
+def _backend(context: dict) -> str:
+    """The runtime a cost model's tables were timed in (tables from before it was recorded:
+    PyTorch)."""
+    return str(context.get("backend") or "torch")
+
+
 def refit(graph: HyperGraph, method: str, params: dict, widths: np.ndarray,
-          latency_ms: np.ndarray, batch: int, dtype: str) -> tuple[FeatureMap, object]:
+          latency_ms: np.ndarray, batch: int, dtype: str, backend: str = "torch"
+          ) -> tuple[FeatureMap, object]:
     """Fit the estimator ``method`` with saved ``params`` on measured networks (deterministic)."""
     if method not in CANDIDATES:
         raise GatorError(f"unknown cost-model method {method!r}; make the config again")
-    fmap = FeatureMap(graph, batch, dtype)
+    fmap = FeatureMap(graph, batch, dtype, backend)
     est = _estimator(method).set_params(**params)
     with _one_thread():
         est.fit(_features(fmap, CANDIDATES[method], np.asarray(widths)), np.asarray(latency_ms))
@@ -279,7 +286,7 @@ def load_cost_model(path: str | Path, graph: HyperGraph) -> CostModel:
     samples = load_samples(tables, graph)
     fit = samples.subset(np.isin(samples.variant, doc["fit_variants"]))
     fmap, est = refit(graph, doc["method"], doc["params"], fit.widths, fit.latency_ms,
-                      samples.batch, samples.dtype)
+                      samples.batch, samples.dtype, _backend(samples.context))
     cm = CostModel(graph, fmap, doc["method"], est, samples.baseline_ms, doc["fit_variants"],
                    doc.get("cv_mape", {}), doc["tables"], doc.get("context", {}))
     made = doc.get("versions", {}).get("scikit_learn", "an unknown version")
