@@ -19,7 +19,7 @@ import pandas as pd
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import HyperGraph
 
-__all__ = ["Samples", "file_sha256", "load_samples"]
+__all__ = ["Samples", "file_sha256", "load_samples", "runtime_of"]
 
 _CONTEXT_KEYS = (
     "model", "batch", "dtype", "channels_last", "device_name", "input_size", "num_classes",
@@ -105,6 +105,12 @@ def _context(meta: dict) -> dict:
     flat = {**meta, **meta.get("spec", {}), **meta.get("device", {})}
     flat.setdefault("backend", "torch")  # tables from before the backend was recorded
     return {k: flat.get(k) for k in _CONTEXT_KEYS}
+
+
+def runtime_of(context: dict) -> str:
+    """The runtime a table (or a cost model's tables) was timed in: ``torch`` for tables from
+    before the backend was recorded."""
+    return str(context.get("backend") or "torch")
 
 
 def load_samples(tables: Sequence[str | Path], graph: HyperGraph) -> Samples:

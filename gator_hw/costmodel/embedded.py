@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from gator_hw.costmodel.model import CostModel, _backend, refit
+from gator_hw.costmodel.dataset import runtime_of
+from gator_hw.costmodel.model import CostModel, refit
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import HyperGraph
 
@@ -129,7 +130,7 @@ def embedded_cost_model(doc: dict, graph: HyperGraph | None = None) -> CostModel
         raise _fail(f"samples have {widths.shape[-1]} edge widths, the network {own.n_edges}")
     lat = np.asarray(doc["samples"]["latency_ms"], dtype=float)
     fmap, est = refit(own, doc["method"], doc["params"], widths, lat, int(doc["batch"]),
-                      str(doc["dtype"]), _backend(dict(doc.get("context", {}))))
+                      str(doc["dtype"]), runtime_of(dict(doc.get("context", {}))))
     cm = CostModel(own, fmap, doc["method"], est, float(doc.get("baseline_ms", lat.max())),
                    list(doc["samples"].get("variants", [])), dict(doc.get("cv_mape", {})),
                    list(doc.get("tables", [])), dict(doc.get("context", {})))

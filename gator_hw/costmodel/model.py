@@ -35,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from gator_hw.atomic import write_json
-from gator_hw.costmodel.dataset import Samples, file_sha256, load_samples
+from gator_hw.costmodel.dataset import Samples, file_sha256, load_samples, runtime_of
 from gator_hw.costmodel.features import FeatureMap
 from gator_hw.errors import GatorError
 from gator_hw.graph.hypergraph import HyperGraph
@@ -228,7 +228,7 @@ def fit_cost_model(
             f"only {len(fit)} measured networks to fit; the cost model needs at least "
             f"{MIN_SAMPLES}: profile more widths (--widths 0.25,0.5,0.75) or --random-nets"
         )
-    fmap = FeatureMap(graph, samples.batch, samples.dtype, _backend(samples.context))
+    fmap = FeatureMap(graph, samples.batch, samples.dtype, runtime_of(samples.context))
     names = list(CANDIDATES) if method == "auto" else [method]
     groups = fit.groups
     n_splits = min(5, len(set(groups)))
@@ -250,12 +250,6 @@ def fit_cost_model(
         graph, fmap, best, est, samples.baseline_ms, sorted(fit.variant.tolist()), cv,
         [{"path": str(p), "sha256": file_sha256(p)} for p in tables], samples.context,
     )
-
-
-def _backend(context: dict) -> str:
-    """The runtime a cost model's tables were timed in (tables from before it was recorded:
-    PyTorch)."""
-    return str(context.get("backend") or "torch")
 
 
 def refit(graph: HyperGraph, method: str, params: dict, widths: np.ndarray,
@@ -286,7 +280,7 @@ def load_cost_model(path: str | Path, graph: HyperGraph) -> CostModel:
     samples = load_samples(tables, graph)
     fit = samples.subset(np.isin(samples.variant, doc["fit_variants"]))
     fmap, est = refit(graph, doc["method"], doc["params"], fit.widths, fit.latency_ms,
-                      samples.batch, samples.dtype, _backend(samples.context))
+                      samples.batch, samples.dtype, runtime_of(samples.context))
     cm = CostModel(graph, fmap, doc["method"], est, samples.baseline_ms, doc["fit_variants"],
                    doc.get("cv_mape", {}), doc["tables"], doc.get("context", {}))
     made = doc.get("versions", {}).get("scikit_learn", "an unknown version")
