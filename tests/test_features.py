@@ -52,8 +52,10 @@ def reference_layer_features(fm: FeatureMap, w: torch.Tensor) -> torch.Tensor:
         for m in pad:
             pad[m] = pad[m] + f * padded_excess(c, n_in, n_out, m)
         whole = n_in.detach().round()
-        unblocked = (c.kind == "conv" and c.groups == 1) & (whole > ORT_NCHW_INPUT_MAX) & (
-            torch.remainder(whole, ORT_CHANNEL_ALIGN) != 0)
+        dense = c.kind == "conv" and c.groups == 1
+        depthwise = c.kind == "conv" and c.depthwise
+        unblocked = (torch.remainder(whole, ORT_CHANNEL_ALIGN) != 0) & (
+            depthwise | (dense & (whole > ORT_NCHW_INPUT_MAX)))
         ort_flops = ort_flops + f * unblocked
         ort_mb = ort_mb + cost.bytes / 1e6 * unblocked
     total = network_cost(fm.graph, wd, batch=fm.batch, bytes_per_element=fm.bytes_per_element)
@@ -146,14 +148,16 @@ def test_onnxruntime_adds_the_unblocked_conv_features_only_to_its_own_tables() -
     assert got[-2] == got[conv2].sum() > 0  # that conv alone, all of its FLOPs
 
 
-def _ort_blocks(c_in: int) -> bool:
+def _ort_blocks(c_in: int, groups: int = 1) -> bool:
     """Whether ONNX Runtime's optimiser runs a 3x3 conv reading ``c_in`` channels in NCHWc."""
     ort = pytest.importorskip("onnxruntime")
     import onnx
 
     from gator_hw.profile.ort import onnx_bytes
 
-    conv = torch.nn.Sequential(torch.nn.Conv2d(c_in, 32, 3, padding=1), torch.nn.ReLU()).eval()
+    out = c_in if groups > 1 else 32
+    conv = torch.nn.Sequential(torch.nn.Conv2d(c_in, out, 3, padding=1, groups=groups),
+                               torch.nn.ReLU()).eval()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -165,10 +169,13 @@ def _ort_blocks(c_in: int) -> bool:
     return ("com.microsoft.nchwc", "Conv") in ops
 
 
-@pytest.mark.parametrize("c_in", [3, 16, 17, 18, 20, 22, 24, 62, 64, 101, 104])
-def test_the_unblocked_conv_rule_is_onnxruntimes_own(c_in) -> None:
+@pytest.mark.parametrize(("c_in", "depthwise"), [
+    *((c, False) for c in (3, 16, 17, 18, 20, 22, 24, 62, 64, 101, 104)),
+    *((c, True) for c in (9, 12, 18, 20, 33, 64))])
+def test_the_unblocked_conv_rule_is_onnxruntimes_own(c_in, depthwise) -> None:
     """The feature's rule against the installed ONNX Runtime's graph optimiser (x86-64)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the NCHWc rule was read off x86-64 builds")
-    want = c_in <= ORT_NCHW_INPUT_MAX or c_in % ORT_CHANNEL_ALIGN == 0
-    assert _ort_blocks(c_in) == want
+    aligned = c_in % ORT_CHANNEL_ALIGN == 0
+    want = aligned if depthwise else (c_in <= ORT_NCHW_INPUT_MAX or aligned)
+    assert _ort_blocks(c_in, groups=c_in if depthwise else 1) == want

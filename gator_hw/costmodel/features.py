@@ -8,10 +8,11 @@ Two views of the same network:
   up to a multiple of 8 / 16 / 32 / 64 would add (the latency staircase: kernels compute whole
   channel blocks, e.g. 16 for AVX-512 oneDNN convs). A linear model on them is a per-layer
   latency model that generalises to any combination of widths.
-* for tables timed in ONNX Runtime, also the FLOPs and bytes of the dense convs that its CPU
-  provider cannot run in its blocked NCHWc layout (input channels above
-  :data:`ORT_NCHW_INPUT_MAX` and not a multiple of :data:`ORT_CHANNEL_ALIGN`): those run in plain
-  NCHW at several times the time per FLOP, a cliff the other features only blur.
+* for tables timed in ONNX Runtime, also the FLOPs and bytes of the convs that its CPU provider
+  cannot run in its blocked NCHWc layout (dense convs reading more than
+  :data:`ORT_NCHW_INPUT_MAX` channels and depthwise convs, when the channels are not a multiple
+  of :data:`ORT_CHANNEL_ALIGN`): those run in plain NCHW at several times the time per FLOP, a
+  cliff the other features only blur.
 * ``edge`` features: totals (FLOPs, params, bytes, arithmetic intensity), and per edge its
   relative width and its alignment (width mod 8, 16, 32, 64 == 0), for tree ensembles.
 
@@ -50,10 +51,13 @@ ALIGNMENTS = (8, 16, 32, 64)
 
 #: ONNX Runtime's CPU provider (MLAS) runs a dense conv in its blocked NCHWc layout only when
 #: the conv's input channels are at most ``ORT_NCHW_INPUT_MAX`` or a multiple of
+#: ``ORT_CHANNEL_ALIGN``, and a depthwise conv only when its channels are a multiple of
 #: ``ORT_CHANNEL_ALIGN``; any other conv runs in plain NCHW (``FusedConv``: im2col + GEMM, with
 #: layout reorders around it), about 2.8x the time per FLOP. Read off ORT 1.32's optimised
-#: graphs on x86-64 (AVX-512): inputs 3-16, 20, 24, 36, 44, 52, 100, 104, 184, 368, 404 blocked;
-#: 17, 18, 22, 25, 29, 62, 102, 194, 406, 425, 503 not (``docs/results/ort_amd_rerun``).
+#: graphs on x86-64 (AVX-512): dense inputs 3-16, 20, 24, 36, 44, 52, 100, 104, 184, 368, 404
+#: blocked, 17, 18, 22, 25, 29, 62, 102, 194, 406, 425, 503 not; depthwise 8, 12, 20, 24, 40, 64
+#: blocked, 9, 10, 17, 21, 25, 33 not (``docs/results/ort_amd_rerun``). Other grouped convs
+#: are never blocked: that costs the same at every width, which the per-layer features carry.
 ORT_NCHW_INPUT_MAX = 16
 ORT_CHANNEL_ALIGN = 4
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -219,8 +223,9 @@ class FeatureMap:
         pad = [(gflops * _excess(n_in, n_out, depthwise, m)).sum(1) for m in ALIGNMENTS]
         extra = []
         if self.backend == "onnxruntime":
-            unblocked = f.dense_conv[f.feature] & (whole_in > ORT_NCHW_INPUT_MAX) & (
-                torch.remainder(whole_in, ORT_CHANNEL_ALIGN) != 0)
+            misaligned = torch.remainder(whole_in, ORT_CHANNEL_ALIGN) != 0
+            unblocked = misaligned & (depthwise | (f.dense_conv[f.feature]
+                                                   & (whole_in > ORT_NCHW_INPUT_MAX)))
             extra = [(gflops * unblocked).sum(1), (mbytes * unblocked).sum(1)]
         return torch.cat([per_call, torch.stack([net_mb, *mis, *pad, *extra], dim=1)], dim=1)
 
