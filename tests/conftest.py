@@ -46,8 +46,59 @@ def one_line_error(excinfo: pytest.ExceptionInfo, *words: str) -> str:
     return msg
 
 
+def sample_input(shape: tuple[int, ...], seed: int = 0, n: int = 2) -> torch.Tensor:
+    """``n`` seeded float64 samples of one input of ``shape`` (its batch dim replaced)."""
+    return torch.randn((n, *shape[1:]), generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest ``|a - b|`` relative to the largest ``|b|``."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def check_random_plan(model: torch.nn.Module, graph, seed: int) -> None:
+    """Slimmed to ``random_plan(graph, seed)``, ``model`` equals the masked model to 1e-12, the
+    plan changes the output, and its FLOPs equal ``FlopCounterMode``'s (float64 models)."""
+    from gator_hw.accounting import flop_counter_flops, network_cost
+    from gator_hw.masking import masked_output
+    from gator_hw.slim import slim
+
+    plan = random_plan(graph, seed)  # uneven widths, evenly over each attention's heads
+    x = sample_input(graph.input_shape, seed)
+    ref = masked_output(model, graph, plan, x)
+    small = slim(model, graph, plan)
+    with torch.no_grad():
+        out, full = small(x), model(x)
+    assert rel_error(out, ref) <= 1e-12
+    assert (full - ref).abs().max() > 1e-6  # the plan bites
+    widths = {k: len(v) for k, v in plan.items()}
+    assert network_cost(graph, widths).flops == flop_counter_flops(small, graph.input_shape)
+
+
+def check_empty_plan(model: torch.nn.Module, graph) -> None:
+    """The empty plan changes no tensor, and masking with it is the model itself."""
+    from gator_hw.masking import masked_output
+    from gator_hw.slim import slim
+
+    after = slim(model, graph, {}).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in model.state_dict().items())
+    x = sample_input(graph.input_shape, 4)
+    with torch.no_grad():
+        assert rel_error(masked_output(model, graph, {}, x), model(x)) <= 1e-12
+
+
+def converted_like_masked(model: torch.nn.Module, graph, plan, seed: int) -> torch.nn.Module:
+    """``convert(model, graph, plan)``, checked against the masked model to 1e-12 on a seeded
+    float64 input; returns the converted model."""
+    from gator_hw.convert import convert
+    from gator_hw.masking import masked_output
+
+    small = convert(model, graph, plan)
+    x = sample_input(graph.input_shape, seed)
+    with torch.no_grad():
+        assert rel_error(small(x), masked_output(model, graph, plan, x)) <= 1e-12
+    return small
 
 
 def train_gates_then_convert(model: torch.nn.Module, graph, *, steps: int, batch: int,

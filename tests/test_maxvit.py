@@ -21,12 +21,18 @@ from torchvision.models.maxvit import (
 
 from gator_hw.accounting import flop_counter_flops, network_cost
 from gator_hw.attention import SlimRelativeAttention
-from gator_hw.convert import convert
 from gator_hw.graph import HyperGraph, build_hypergraph
-from gator_hw.masking import masked_output, masked_relative_attention
+from gator_hw.masking import masked_relative_attention
 from gator_hw.slim import slim
-from gator_hw.soundness import half_plan, random_plan, randomize_norms, randomize_weights
-from tests.conftest import train_gates_then_convert
+from gator_hw.soundness import half_plan, randomize_norms, randomize_weights
+from tests.conftest import (
+    check_empty_plan,
+    check_random_plan,
+    converted_like_masked,
+    rel_error,
+    sample_input,
+    train_gates_then_convert,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: threads only contend
 
@@ -49,15 +55,6 @@ def tiny_maxvit() -> tuple[MaxVit, HyperGraph]:
     """A two-block MaxViT (a fresh copy) and its graph."""
     m, g = _tiny()
     return copy.deepcopy(m), g
-
-
-def _x(seed: int = 0, n: int = 2) -> torch.Tensor:
-    return torch.randn((n, *SHAPE[1:]), generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_streams_heads_and_mlps_are_edges() -> None:
@@ -174,26 +171,11 @@ def test_per_sample_vectors_scale_each_sample_alone() -> None:
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_slim_equals_masked_and_flops_are_exact_for_random_plans(seed: int) -> None:
-    m, g = tiny_maxvit()
-    plan = random_plan(g, seed)  # uneven widths, evenly over each attention's heads
-    x = _x(seed)
-    ref = masked_output(m, g, plan, x)
-    small = slim(m, g, plan)
-    with torch.no_grad():
-        out, full = small(x), m(x)
-    assert _rel(out, ref) <= 1e-12
-    assert (full - ref).abs().max() > 1e-6  # the plan bites
-    widths = {k: len(v) for k, v in plan.items()}
-    assert network_cost(g, widths).flops == flop_counter_flops(small, SHAPE)
+    check_random_plan(*tiny_maxvit(), seed)
 
 
 def test_empty_plan_changes_no_tensor() -> None:
-    m, g = tiny_maxvit()
-    after = slim(m, g, {}).state_dict()
-    assert all(torch.equal(after[k], v) for k, v in m.state_dict().items())
-    x = _x(4)
-    with torch.no_grad():  # every channel kept, masking's attention is torchvision's
-        assert _rel(masked_output(m, g, {}, x), m(x)) <= 1e-12
+    check_empty_plan(*tiny_maxvit())
 
 
 def test_converted_maxvit_keeps_torchvision_forward_and_exports_to_onnx(tmp_path) -> None:
@@ -206,13 +188,10 @@ def test_converted_maxvit_keeps_torchvision_forward_and_exports_to_onnx(tmp_path
     m = randomize_norms(randomize_weights(m.double().eval()))
     g = build_hypergraph(m, SHAPE)
     plan = half_plan(g)
-    small = convert(m, g, plan)
+    small = converted_like_masked(m, g, plan, 1)
     assert type(small) is MaxVit
     attns = [mod for name, mod in small.named_modules() if name.endswith("attn_layer.1")]
     assert len(attns) == 2 and all(isinstance(a, SlimRelativeAttention) for a in attns)
-    x = _x(1)
-    with torch.no_grad():
-        assert _rel(small(x), masked_output(m, g, plan, x)) <= 1e-12
     assert export_onnx(small.float(), SHAPE, tmp_path / "maxvit.onnx").verified
 
 
@@ -220,20 +199,17 @@ def test_an_emptied_mlp_folds_into_a_constant() -> None:
     m, g = tiny_maxvit()
     mlp = "blocks.0.layers.1.layers.grid_attention.mlp_layer"
     plan = {**half_plan(g), g.edge(f"{mlp}.1").gid: []}
-    small = convert(m, g, plan)
-    x = _x(2)
-    with torch.no_grad():
-        assert _rel(small(x), masked_output(m, g, plan, x)) <= 1e-12
+    small = converted_like_masked(m, g, plan, 2)
     assert not any(mlp in n for n, _ in small.named_modules())
 
 
 def test_gates_trained_on_a_maxvit_convert_to_the_gated_model() -> None:
     m, g = tiny_maxvit()
     gates, small = train_gates_then_convert(m, g, steps=3, batch=4)
-    x = _x(3)
+    x = sample_input(SHAPE, 3)
     ref = gates.gated_output(m, g, x)
     with torch.no_grad():
-        assert _rel(small(x), ref) <= 1e-12
+        assert rel_error(small(x), ref) <= 1e-12
     keep = gates.kept_indices()
     assert sum(map(len, keep.values())) < sum(e.channels for e in g.edges)
 

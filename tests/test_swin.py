@@ -24,12 +24,18 @@ from torchvision.models.swin_transformer import (
 
 from gator_hw.accounting import flop_counter_flops, network_cost
 from gator_hw.attention import SlimWindowAttention
-from gator_hw.convert import convert
 from gator_hw.graph import HyperGraph, build_hypergraph
-from gator_hw.masking import masked_output, masked_window_attention
+from gator_hw.masking import masked_window_attention
 from gator_hw.slim import slim
-from gator_hw.soundness import half_plan, random_plan, randomize_weights
-from tests.conftest import train_gates_then_convert
+from gator_hw.soundness import half_plan, randomize_weights
+from tests.conftest import (
+    check_empty_plan,
+    check_random_plan,
+    converted_like_masked,
+    rel_error,
+    sample_input,
+    train_gates_then_convert,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: threads only contend
 
@@ -51,15 +57,6 @@ def tiny_swin(v2: bool) -> tuple[SwinTransformer, HyperGraph]:
     """A three-stage Swin (a fresh copy) and its graph."""
     m, g = _tiny(v2)
     return copy.deepcopy(m), g
-
-
-def _x(seed: int = 0, n: int = 2) -> torch.Tensor:
-    return torch.randn((n, *SHAPE[1:]), generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("v2", [False, True])
@@ -198,27 +195,12 @@ def test_per_sample_vectors_scale_each_sample_in_all_its_windows(v2: bool) -> No
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), v2=st.booleans())
 def test_slim_equals_masked_and_flops_are_exact_for_random_plans(seed: int, v2: bool) -> None:
-    m, g = tiny_swin(v2)
-    plan = random_plan(g, seed)  # uneven widths, evenly over each attention's heads
-    x = _x(seed)
-    ref = masked_output(m, g, plan, x)
-    small = slim(m, g, plan)
-    with torch.no_grad():
-        out, full = small(x), m(x)
-    assert _rel(out, ref) <= 1e-12
-    assert (full - ref).abs().max() > 1e-6  # the plan bites
-    widths = {k: len(v) for k, v in plan.items()}
-    assert network_cost(g, widths).flops == flop_counter_flops(small, SHAPE)
+    check_random_plan(*tiny_swin(v2), seed)
 
 
 @pytest.mark.parametrize("v2", [False, True])
 def test_empty_plan_changes_no_tensor(v2: bool) -> None:
-    m, g = tiny_swin(v2)
-    after = slim(m, g, {}).state_dict()
-    assert all(torch.equal(after[k], v) for k, v in m.state_dict().items())
-    x = _x(4)
-    with torch.no_grad():  # every channel kept, masking's windows are torchvision's
-        assert _rel(masked_output(m, g, {}, x), m(x)) <= 1e-12
+    check_empty_plan(*tiny_swin(v2))
 
 
 def test_converted_swin_keeps_torchvision_forward_and_exports_to_onnx(tmp_path) -> None:
@@ -231,13 +213,10 @@ def test_converted_swin_keeps_torchvision_forward_and_exports_to_onnx(tmp_path) 
     m = randomize_weights(m.double().eval())
     g = build_hypergraph(m, SHAPE)
     plan = half_plan(g)
-    small = convert(m, g, plan)
+    small = converted_like_masked(m, g, plan, 1)
     assert type(small) is SwinTransformer
     assert all(isinstance(blk.attn, SlimWindowAttention) for i in (1, 3)
                for blk in small.features[i])
-    x = _x(1)
-    with torch.no_grad():
-        assert _rel(small(x), masked_output(m, g, plan, x)) <= 1e-12
     assert export_onnx(small.float(), SHAPE, tmp_path / "swin.onnx").verified
 
 
@@ -245,10 +224,7 @@ def test_converted_swin_keeps_torchvision_forward_and_exports_to_onnx(tmp_path) 
 def test_an_emptied_mlp_folds_into_a_constant(v2: bool) -> None:
     m, g = tiny_swin(v2)
     plan = {**half_plan(g), g.edge("features.3.1.mlp.0").gid: []}
-    small = convert(m, g, plan)
-    x = _x(2)
-    with torch.no_grad():
-        assert _rel(small(x), masked_output(m, g, plan, x)) <= 1e-12
+    small = converted_like_masked(m, g, plan, 2)
     assert not any("features.3.1.mlp" in n for n, _ in small.named_modules())
 
 
@@ -256,10 +232,10 @@ def test_an_emptied_mlp_folds_into_a_constant(v2: bool) -> None:
 def test_gates_trained_on_a_swin_convert_to_the_gated_model(v2: bool) -> None:
     m, g = tiny_swin(v2)
     gates, small = train_gates_then_convert(m, g, steps=3, batch=4)
-    x = _x(3)
+    x = sample_input(SHAPE, 3)
     ref = gates.gated_output(m, g, x)
     with torch.no_grad():
-        assert _rel(small(x), ref) <= 1e-12
+        assert rel_error(small(x), ref) <= 1e-12
     keep = gates.kept_indices()
     assert sum(map(len, keep.values())) < sum(e.channels for e in g.edges)
 

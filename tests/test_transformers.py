@@ -21,7 +21,7 @@ from gator_hw.graph import build_hypergraph
 from gator_hw.masking import masked_attention, masked_layer_norm, masked_output
 from gator_hw.slim import slim
 from gator_hw.soundness import half_plan, random_plan, randomize_weights
-from tests.conftest import train_gates_then_convert
+from tests.conftest import sample_input, train_gates_then_convert
 
 SHAPE = (1, 3, 32, 32)
 
@@ -45,11 +45,6 @@ def _stream(graph):
                 if any(s.role in ("param", "ln") and s.module in ("encoder.pos_embedding",
                                                                    "features.0.1")
                        for s in e.sites))
-
-
-def _x(seed: int = 0, n: int = 2) -> torch.Tensor:
-    return torch.randn((n, *SHAPE[1:]), generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
 
 
 def test_vit_residual_stream_is_one_edge_with_its_tokens_norms_and_attention() -> None:
@@ -98,7 +93,7 @@ def test_slim_equals_masked_for_random_plans(seed: int, which: str) -> None:
     m = tiny_vit() if which == "vit" else tiny_convnext()
     g = build_hypergraph(m, SHAPE)
     plan = random_plan(g, seed)
-    x = _x(seed)
+    x = sample_input(SHAPE, seed)
     ref = masked_output(m, g, plan, x)
     with torch.no_grad():
         out = slim(m, g, plan)(x)
@@ -180,7 +175,7 @@ def test_converted_vit_keeps_torchvision_forward_and_exports_to_onnx(tmp_path) -
     small = convert(m, g, plan)
     assert type(small) is VisionTransformer and small.hidden_dim == 8
     assert isinstance(small.encoder.layers[0].self_attention, SlimAttention)
-    x = _x(1)
+    x = sample_input(SHAPE, 1)
     with torch.no_grad():
         assert torch.allclose(small(x), masked_output(m, g, plan, x), atol=1e-10)
     report = export_onnx(small.float(), SHAPE, tmp_path / "vit.onnx")
@@ -193,7 +188,7 @@ def test_emptied_mlp_folds_and_traced_reshapes_follow_the_stream() -> None:
     mlp = g.edge("encoder.layers.encoder_layer_1.mlp.0").gid
     plan = {**half_plan(g), mlp: []}
     small = convert(m, g, plan)  # a GraphModule: the stream's width was a number in reshape
-    x = _x(2)
+    x = sample_input(SHAPE, 2)
     with torch.no_grad():
         assert torch.allclose(small(x), masked_output(m, g, plan, x), atol=1e-10)
     assert not any("encoder_layer_1.mlp" in n for n, _ in small.named_modules())
@@ -203,7 +198,7 @@ def test_gates_trained_on_a_vit_convert_to_the_gated_model() -> None:
     m = tiny_vit()
     g = build_hypergraph(m, SHAPE)
     gates, small = train_gates_then_convert(m, g, steps=4, batch=8)
-    x = _x(3)
+    x = sample_input(SHAPE, 3)
     ref = gates.gated_output(m, g, x)
     with torch.no_grad():
         assert torch.allclose(small(x), ref, atol=1e-10 * float(ref.abs().max()))
