@@ -58,14 +58,14 @@ def _base_optimizer(model: torch.nn.Module, name: str, lr: float, steps: int):
 
 def train_base(out: Path, epochs: int, seed: int, *, model_name: str = "resnet20",
                size: int = 32, lr: float = 0.1, device: str = "cpu", amp: str | None = None,
-               optimizer: str = "sgd",
+               optimizer: str = "sgd", data_name: str = "digits",
                log=lambda m: print(m, flush=True)) -> tuple[Path, float]:
-    """Train on digits from scratch (``optimizer``: ``sgd`` or ``adamw``, see
-    :func:`_base_optimizer`; ``amp``: autocast dtype on CUDA); returns the weights' path and
-    val acc."""
+    """Train on ``data_name`` (digits by default) from scratch (``optimizer``: ``sgd`` or
+    ``adamw``, see :func:`_base_optimizer`; ``amp``: autocast dtype on CUDA); returns the
+    weights' path and val acc."""
     torch.manual_seed(seed)
-    data = load_data("digits", size, seed=seed)
-    model = build_model(model_name, 10, seed=seed).to(device)
+    data = load_data(data_name, size, seed=seed)
+    model = build_model(model_name, data.num_classes, seed=seed).to(device)
     tl = DataLoader(data.train, 64, shuffle=True, drop_last=True)
     vl = DataLoader(data.val, 256)
     opt, sched = _base_optimizer(model, optimizer, lr, epochs * len(tl))
@@ -86,12 +86,12 @@ def train_base(out: Path, epochs: int, seed: int, *, model_name: str = "resnet20
 
 
 def base_accuracy(weights: Path, seed: int, *, model_name: str = "resnet20",
-                  size: int = 32, device: str = "cpu") -> float:
-    """Validation accuracy of saved unpruned weights."""
-    model = build_model(model_name, 10, seed=seed)
+                  size: int = 32, device: str = "cpu", data_name: str = "digits") -> float:
+    """Validation accuracy of saved unpruned weights on ``data_name``."""
+    data = load_data(data_name, size, seed=seed)
+    model = build_model(model_name, data.num_classes, seed=seed)
     model.load_state_dict(load_file(str(weights)))
-    return accuracy(model.to(device),
-                    DataLoader(load_data("digits", size, seed=seed).val, 256), device)
+    return accuracy(model.to(device), DataLoader(data.val, 256), device)
 
 
 def main() -> None:

@@ -63,6 +63,13 @@ def _threads(a) -> int | None:
     return 1 if a.device == "cpu" else None
 
 
+def num_classes(a) -> int:
+    """Classes of ``a.data`` (the digits' 10 unless the run names another task)."""
+    from gator_hw.train.digitmax import DIGITMAX_CLASSES
+
+    return DIGITMAX_CLASSES if getattr(a, "data", "digits") == "digitmax" else CLASSES
+
+
 def profile_table(out: Path, a) -> Path:
     path = out / "profile" / f"{a.model}_{a.input_size}px_b{a.batch_size}_float32.csv"
     req = ProfileRequest.create(a.model, device=a.device, batch=a.batch_size,
@@ -82,7 +89,7 @@ def configs(out: Path, table: Path, a) -> tuple[Path, Path]:
             f"(grouped-CV MAPE {res.cost_model.cv_mape})")
     if not flops.exists():
         write_config(factor_config("flops", a.model, input_size=a.input_size,
-                                   num_classes=CLASSES, template=template), flops)
+                                   num_classes=num_classes(a), template=template), flops)
     return lat, flops
 
 
@@ -104,9 +111,10 @@ def prune(out: Path, name: str, cfg: Path, target: str, weights: Path, a) -> dic
             shutil.rmtree(folder)
         log(f"prune {name}: {target}")
         settings = TrainSettings(
-            a.model, config=cfg, data="digits", out=folder, epochs=a.epochs, lr=a.lr,
+            a.model, config=cfg, data=a.data, out=folder, epochs=a.epochs, lr=a.lr,
             batch_size=64, target=target, weights=weights, input_size=a.input_size,
             seed=a.seed, device=a.device, round_to=a.round_to, budget_at=a.budget_at,
+            hold_epochs=getattr(a, "hold_epochs", 1.0),
             importance_power=a.importance_power, importance_norm=a.importance_norm,
             gate_norm=a.gate_norm, calibrate=a.calibrate, amp=a.amp is not None,
             amp_dtype=a.amp or "float16",
@@ -246,6 +254,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda: profile, train and bench")
     ap.add_argument("--amp", default=None, choices=("bfloat16", "float16"),
                     help="training autocast dtype on CUDA (timing stays in the table's dtype)")
+    ap.add_argument("--data", default="digits", help="digits or digitmax (a task where "
+                    "accuracy is at stake)")
     ap.add_argument("--random-nets", type=int, default=48)
     ap.add_argument("--budgets", default="0.7,0.5,0.35")
     ap.add_argument("--base-epochs", type=int, default=15)
@@ -284,11 +294,11 @@ def main() -> None:
     if not weights.exists():
         train_base(a.out, a.base_epochs, a.seed, model_name=a.model, size=a.input_size,
                    lr=0.05 if a.base_optimizer == "sgd" else 2e-3, device=a.device, amp=a.amp,
-                   optimizer=a.base_optimizer, log=log)
+                   optimizer=a.base_optimizer, data_name=a.data, log=log)
     base_acc = base_accuracy(weights, a.seed, model_name=a.model, size=a.input_size,
-                             device=a.device)
+                             device=a.device, data_name=a.data)
     log(f"unpruned val acc {100 * base_acc:.2f}%")
-    net = load_network(a.model, input_size=a.input_size, num_classes=CLASSES)
+    net = load_network(a.model, input_size=a.input_size, num_classes=num_classes(a))
     cfg = read_config(lat_cfg)
     latfn = LatencyFunction(embedded_cost_model(cfg.cost_model, net.graph))
     device = str(latfn.cost_model.context.get("device_name"))

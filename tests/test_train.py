@@ -332,3 +332,24 @@ def test_bf16_autocast_trains_on_cuda(tmp_path):
     assert res.budget_met and torch.backends.cudnn.benchmark
     meta = json.loads((tmp_path / "r" / "last.json").read_text())
     assert meta["scaler"] is None  # bf16: no loss scaling
+
+
+def test_prune_from_random_init_says_so_on_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    from gator_hw.models import build_model
+    from gator_hw.train.setup import prepare
+
+    cfg = write_config(GatingConfig(), tmp_path / "c.json")
+    said: list[str] = []
+    s = TrainSettings("resnet20", config=cfg, data="fake", out=tmp_path / "a", input_size=16,
+                      device="cpu")  # fmt: skip
+    prepare(s, log=said.append)
+    hint = [m for m in said if "random initialisation" in m]
+    assert len(hint) == 1 and "--weights" in hint[0] and "\n" not in hint[0]
+    weights = tmp_path / "w.safetensors"
+    save_file(build_model("resnet20", 10).state_dict(), str(weights))
+    said.clear()
+    prepare(TrainSettings("resnet20", config=cfg, data="fake", out=tmp_path / "b",
+                          input_size=16, device="cpu", weights=weights), log=said.append)
+    assert not any("random initialisation" in m for m in said)

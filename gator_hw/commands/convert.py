@@ -83,7 +83,8 @@ def eval_cmd(
     model_dir: ModelDir,
     data: Annotated[
         str,
-        typer.Option(help="digits, fake, imagefolder:PATH (train/ and val/) or cifar10:PATH."),
+        typer.Option(help="digits, digitmax, fake, imagefolder:PATH (train/ and val/) or "
+                     "cifar10:PATH."),
     ],
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",

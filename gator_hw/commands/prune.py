@@ -63,7 +63,8 @@ def prune_cmd(
     data: Annotated[
         str,
         typer.Option(
-            "--data", help="digits | fake | imagefolder:PATH (train/, val/) | cifar10:PATH."
+            "--data", help="digits | digitmax (two digits in clutter, label the larger: "
+            "accuracy at stake) | fake | imagefolder:PATH (train/, val/) | cifar10:PATH."
         ),
     ] = "digits",
     out: Annotated[

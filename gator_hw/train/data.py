@@ -1,7 +1,11 @@
-"""Training data from a one-word spec: ``digits``, ``fake``, ``imagefolder:PATH``, ``cifar10:PATH``.
+"""Training data from a one-word spec: ``digits``, ``digitmax``, ``fake``, ``imagefolder:PATH``,
+``cifar10:PATH``.
 
 Nothing is ever downloaded. ``digits`` is scikit-learn's bundled handwritten digits (1797 real
-8x8 images, 10 classes), upsampled to 3 x S x S with a fixed stratified 80/20 train/val split.
+8x8 images, 10 classes), upsampled to 3 x S x S with a fixed stratified 80/20 train/val split;
+it saturates (every net ~99 %). ``digitmax`` composes those digits into cluttered canvases
+of two digits labelled with the larger one (10 classes, see :mod:`gator_hw.train.digitmax`): a
+task where pruning costs accuracy.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from gator_hw.errors import GatorError
 __all__ = ["DATA_KINDS", "DataSpec", "Datasets", "TensorImages", "load_data"]
 
 #: Accepted ``--data`` kinds.
-DATA_KINDS: tuple[str, ...] = ("digits", "fake", "imagefolder", "cifar10")
+DATA_KINDS: tuple[str, ...] = ("digits", "digitmax", "fake", "imagefolder", "cifar10")
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -34,12 +38,13 @@ class DataSpec:
 
     @classmethod
     def parse(cls, spec: str) -> DataSpec:
-        """Parse ``digits``, ``fake``, ``imagefolder:PATH`` or ``cifar10:PATH``."""
+        """Parse ``digits``, ``digitmax``, ``fake``, ``imagefolder:PATH`` or ``cifar10:PATH``."""
         kind, sep, path = spec.partition(":")
         kind = kind.strip().lower()
         if kind not in DATA_KINDS:
             raise GatorError(
-                f"unknown --data {spec!r}; use digits, fake, imagefolder:PATH or cifar10:PATH"
+                f"unknown --data {spec!r}; use digits, digitmax, fake, imagefolder:PATH or "
+                "cifar10:PATH"
             )
         needs_path = kind in ("imagefolder", "cifar10")
         if needs_path and not (sep and path):
@@ -109,6 +114,21 @@ def _digits(size: int, seed: int) -> Datasets:
     shift = max(1, size // 16)  # 2 pixels at 32x32
     spec = DataSpec("digits")
     return Datasets(TensorImages(x[tr], y[tr], shift=shift), TensorImages(x[va], y[va]), 10, spec)
+
+
+def _digitmax(size: int, seed: int) -> Datasets:
+    from gator_hw.train.digitmax import DIGITMAX_CLASSES, make_digitmax
+
+    train, val = make_digitmax(size, seed)
+    mean, std = train.images.mean(), train.images.std()
+
+    def norm(x: torch.Tensor) -> torch.Tensor:  # one stored channel, shown as three
+        return ((x - mean) / std).expand(-1, 3, -1, -1)
+
+    shift = max(1, size // 16)
+    return Datasets(TensorImages(norm(train.images), train.labels, shift=shift),
+                    TensorImages(norm(val.images), val.labels), DIGITMAX_CLASSES,
+                    DataSpec("digitmax"))
 
 
 def _fake(size: int, seed: int, n_train: int = 256, n_val: int = 64, classes: int = 10) -> Datasets:
@@ -206,6 +226,8 @@ def load_data(spec: str | DataSpec, input_size: int, *, seed: int = 0) -> Datase
     ds = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec)
     if ds.kind == "digits":
         return _digits(input_size, seed)
+    if ds.kind == "digitmax":
+        return _digitmax(input_size, seed)
     if ds.kind == "fake":
         return _fake(input_size, seed)
     if not ds.path.is_dir():

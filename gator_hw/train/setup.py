@@ -78,6 +78,9 @@ def prepare(s: TrainSettings, log: Callable[[str], None] = print) -> Run:
         s.model, input_size=size, num_classes=data.num_classes, weights=s.weights, seed=s.seed,
         log=log,
     )
+    if s.weights is None and ckpt is None:
+        log(f"{s.model} starts from its random initialisation: pruning learns which channels "
+            "matter from trained weights, so pass --weights FILE (or a torchvision weights name)")
     if net.num_classes != data.num_classes:
         raise GatorError(
             f"{s.model} has {net.num_classes} outputs but {data.spec} has {data.num_classes} "
