@@ -50,3 +50,9 @@ def test_torch_pruning_net_lands_within_two_percent_of_a_target(variant):
     if variant.round_to > 1:
         widths = [m.out_channels for m in pruned.modules() if isinstance(m, torch.nn.Conv2d)]
         assert all(w % variant.round_to == 0 for w in widths[1:]), widths
+
+
+def test_the_package_never_imports_torch_pruning():
+    pkg = Path(__file__).resolve().parents[1] / "gator_hw"
+    users = [p.name for p in pkg.rglob("*.py") if "torch_pruning" in p.read_text()]
+    assert users == []
