@@ -235,7 +235,9 @@ def summary(rows: list[dict], base_acc: float, n_val: int) -> list[dict]:
         best = max(tps, key=lambda r: r["val_acc"])
         se = math.hypot(ours["val_se"], best["val_se"])
         lat = front_speed(rows, best["val_acc"])
+        uni = next((r for r in rs if r["method"] == "uniform"), None)
         out.append({
+            "uniform_margin": None if uni is None else ours["val_acc"] - uni["val_acc"],
             "budget": b, "landing": ours["measured"], "best_tp": best["method"],
             "acc_margin": ours["val_acc"] - best["val_acc"], "acc_margin_se": se,
             "latency_match": best["measured"] / ours["measured"] - 1,
@@ -259,14 +261,16 @@ def table_md(res: dict) -> str:
             f"{r['train_s'] / 60:.1f} min |")
     if res["summary"]:
         lines += ["", "| budget | gator-hw landing | best Torch-Pruning variant | its latency vs "
-                  "ours | val acc margin (points ± SE) | gator-hw front faster at its acc |",
-                  "|---|---|---|---|---|---|"]
+                  "ours | val acc margin (points ± SE) | gator-hw front faster at its acc | "
+                  "val acc margin over uniform width |", "|---|---|---|---|---|---|---|"]
         for s in res["summary"]:
             fs = "-" if s["front_speedup"] is None else f"{100 * s['front_speedup']:+.1f} %"
+            um = s.get("uniform_margin")
+            um = "-" if um is None else f"{100 * um:+.2f}"
             lines.append(
                 f"| {s['budget']:g} | {s['landing']:.3f} | {s['best_tp']} | "
                 f"{100 * s['latency_match']:+.1f} % | {100 * s['acc_margin']:+.2f} ± "
-                f"{100 * s['acc_margin_se']:.2f} | {fs} |")
+                f"{100 * s['acc_margin_se']:.2f} | {fs} | {um} |")
     return "\n".join(lines) + "\n"
 
 
