@@ -24,6 +24,7 @@ Every stage is cached in OUT (a cut run resumes).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -157,11 +158,34 @@ def peer_run(v: Variant, b: float, target: float, base: torch.nn.Module, data, b
     return res
 
 
+def structure_run(b: float, gator: dict, base: torch.nn.Module, data, a) -> dict:
+    """gator-hw's latency structure (the channels its gates kept) cut from the *base* weights
+    and fine-tuned as the peers are, for the whole run: its structure without its training."""
+    folder = a.out / "peers" / f"b{b:g}" / "gator_structure"
+    res_path, model_path = folder / "result.json", folder / "model.pt"
+    if res_path.exists():
+        return json.loads(res_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    from gator_hw.convert import convert
+
+    run = convert_checkpoint(gator["folder"])
+    model = convert(copy.deepcopy(base).eval(), run.net.graph, run.keep)
+    acc, train_s = finetune(model, data, a, f"gator_structure b={b:g}")
+    torch.save(model, model_path)
+    res = {"method": "gator_structure", "budget": b, "name": f"gator_structure_b{b:g}",
+           "label": "gator-hw latency structure, fine-tuned as the peers", "val_acc": acc,
+           "train_s": train_s + gator["train_s"], "model_path": str(model_path)}
+    write_json(res_path, res)
+    return res
+
+
 def run_budget(b: float, a, lat_cfg: Path, flops_cfg: Path, weights: Path, base, data,
                batches) -> list[dict]:
     cache = a.out / "budgets" / f"b{b:g}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        rows = json.loads(cache.read_text())
+        if not a.structure or any(r["method"] == "gator_structure" for r in rows):
+            return rows
     rows = gator_runs(b, a, lat_cfg, flops_cfg, weights)
     models = {r["name"]: convert_checkpoint(r["folder"]).model.eval() for r in rows}
     torch.set_num_threads(1)
@@ -176,6 +200,10 @@ def run_budget(b: float, a, lat_cfg: Path, flops_cfg: Path, weights: Path, base,
             continue
         r = peer_run(v, b, target, base, data, batches, a)
         r["target"] = target
+        rows.append(r)
+        models[r["name"]] = torch.load(r["model_path"], weights_only=False).eval()
+    if a.structure:
+        r = structure_run(b, rows[0], base, data, a)
         rows.append(r)
         models[r["name"]] = torch.load(r["model_path"], weights_only=False).eval()
     shape = (1, 3, a.input_size, a.input_size)
@@ -277,7 +305,7 @@ def table_md(res: dict) -> str:
 STYLE = {"gator_latency": ("tab:red", "o"), "gator_flops": ("tab:blue", "s"),
          "tp_taylor_r1": ("tab:green", "^"), "tp_taylor_r8": ("tab:olive", "v"),
          "tp_magnitude_r1": ("tab:purple", "D"), "tp_magnitude_r8": ("tab:pink", "P"),
-         "uniform": ("tab:gray", "x")}
+         "uniform": ("tab:gray", "x"), "gator_structure": ("tab:orange", "*")}
 
 
 def pareto_plot(res: dict, path: Path) -> None:
@@ -324,17 +352,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="total epochs of every method")
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--gamma", type=float, default=0.2, help="gradient_multiplier")
+    ap.add_argument("--importance-norm", type=float, default=0.0,
+                    help="gator-hw: 1 divides each edge's Taylor importances by their mean")
     ap.add_argument("--budget-at", type=float, default=0.5,
                     help="gator-hw: the share of the run by which the budget is reached")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--structure", action="store_true",
+                    help="also fine-tune gator-hw's latency structure cut from the base weights "
+                    "as the peers are (its structure without its training)")
     a = ap.parse_args()
     a.variants = [v for v in a.variants.split(",") if v]
     # what e2e_latency's prune reads
     a.device, a.backend, a.amp, a.round_to = "cpu", "torch", None, 1
-    a.importance_power, a.importance_norm, a.gate_norm, a.calibrate = 1.0, 0.0, "none", "auto"
+    a.importance_power, a.gate_norm, a.calibrate = 1.0, "none", "auto"
     a.hold_epochs = 0.1 * a.epochs  # the gates hold the budget for a tenth of the run
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
