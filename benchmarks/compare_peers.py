@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from e2e_digits import base_accuracy, train_base
-from e2e_latency import _check_backend, _threads, configs, log, num_classes, prune
+from e2e_latency import _check_backend, _threads, bench_all, configs, log, num_classes, prune
 from torch.utils.data import DataLoader
 from torch_pruning_peer import VARIANTS, Variant, bisect_ratio, tp_prune, tp_version
 
@@ -211,7 +211,7 @@ def run_budget(b: float, a, lat_cfg: Path, flops_cfg: Path, weights: Path, base,
     for r in rows:
         r["flops"] = flop_counter_flops(models[r["name"]], shape) / full_flops
         r["params"] = _params(models[r["name"]]) / full_params
-    ratios = bench(models, base, a)
+    ratios = bench_all(models, base, {r["name"]: r["flops"] for r in rows}, a)
     for r in rows:
         m = sorted(ratios[r["name"]])
         r["measured_all"] = m
@@ -219,21 +219,6 @@ def run_budget(b: float, a, lat_cfg: Path, flops_cfg: Path, weights: Path, base,
         r["val_se"] = math.sqrt(r["val_acc"] * (1 - r["val_acc"]) / len(data.val))
     write_json(cache, rows)
     return rows
-
-
-def bench(models: dict, full: torch.nn.Module, a) -> dict[str, list[float]]:
-    """Every net against the full one, ``a.repeats`` round-robin runs (alternating order)."""
-    torch.set_num_threads(1)
-    spec = _spec(a)
-    out: dict[str, list[float]] = {k: [] for k in models}
-    for rep in range(a.repeats):
-        names = list(models) if rep % 2 == 0 else list(reversed(models))
-        for name in names:
-            res = compare_latency(full, models[name], spec, flops_ratio=0.0, rounds=a.rounds)
-            out[name].append(res.latency_ratio)
-            log(f"bench {rep + 1}/{a.repeats} {name}: {res.latency_ratio:.4f}")
-    torch.set_num_threads(a.train_threads)
-    return out
 
 
 def front_speed(rows: list[dict], acc: float) -> float | None:
